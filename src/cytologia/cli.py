@@ -1,0 +1,53 @@
+"""`cytologia <command>`: one entry point, one module per command.
+
+Each command module exposes ``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only when
+their command runs, so ``cytologia score`` does not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+# name -> (module, one-line help). Adding a command = adding a module and one line here.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "validate": ("cytologia.commands.validate", "validate train/test/submission tables (and images)"),
+    "score": ("cytologia.commands.score", "challenge score of a submission against the truth"),
+    "synth": ("cytologia.data.synthetic.cli", "generate a synthetic Cytologia data set"),
+    "folds": ("cytologia.data.folds_cli", "source-aware, multilabel-stratified folds"),
+    "bench": ("cytologia.commands.bench", "benchmarks (score, synth, ...)"),
+}
+
+
+def _requested(argv: list[str]) -> set[str]:
+    return {a for a in argv if a in COMMANDS}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="cytologia", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    wanted = _requested(argv)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        if name in wanted:
+            importlib.import_module(module).add_arguments(p)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    from cytologia.data.errors import CytologiaInputError
+
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except CytologiaInputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
