@@ -17,7 +17,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("cytologia.commands.score", "challenge score of a submission against the truth"),
     "synth": ("cytologia.data.synthetic.cli", "generate a synthetic Cytologia data set"),
     "folds": ("cytologia.data.folds_cli", "source-aware, multilabel-stratified folds"),
-    "bench": ("cytologia.commands.bench", "benchmarks (score, synth, ...)"),
+    "baseline": ("cytologia.commands.baseline", "null-model submission: prior box and most frequent class"),
+    "weights": ("cytologia.commands.weights", "register and check local weight files (models/manifest.json)"),
+    "bench": ("cytologia.commands.bench", "benchmarks (score, synth, folds, ...)"),
 }
 
 

@@ -1,0 +1,1 @@
+"""One module per `cytologia` subcommand (see :mod:`cytologia.cli`)."""

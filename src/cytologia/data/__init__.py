@@ -1,0 +1,1 @@
+"""The data contract: tables, images, hygiene, folds and the synthetic generator."""

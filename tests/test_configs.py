@@ -1,0 +1,86 @@
+"""Every experiment config composes and validates; unknown keys are errors; a run records config + provenance."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from cytologia.config import check_config
+from cytologia.data.errors import CytologiaInputError
+from cytologia.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+EXPERIMENTS = sorted(p.stem for p in (CONFIGS / "exp").glob("*.yaml"))
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def test_there_are_experiments() -> None:
+    assert {"vitl224", "det_yolo11s_512", "smoke"} <= set(EXPERIMENTS)
+
+
+@pytest.mark.parametrize("exp", EXPERIMENTS)
+def test_every_experiment_composes_and_validates(exp: str) -> None:
+    cfg = check_config(_compose(f"+exp={exp}"))
+    assert cfg.exp_name == exp, "an experiment must set exp_name to its file name (run folders are named by it)"
+    text = (CONFIGS / "exp" / f"{exp}.yaml").read_text()
+    assert text.startswith("# @package _global_"), f"{exp}.yaml must be a # @package _global_ delta"
+    assert len([ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]) <= 15
+
+
+def test_every_group_option_validates() -> None:
+    for group in ("data", "folds", "detector", "classifier", "trainer", "ensemble", "paths"):
+        for option in sorted((CONFIGS / group).glob("*.yaml")):
+            check_config(_compose(f"{group}={option.stem}"))
+
+
+def test_unknown_key_is_an_error_naming_it() -> None:
+    cfg = _compose("+classifier.lr_typo=1")
+    with pytest.raises(CytologiaInputError, match="lr_typo"):
+        check_config(cfg)
+
+
+def test_wrong_type_and_bad_choice_are_errors() -> None:
+    with pytest.raises(CytologiaInputError, match="img_size"):
+        check_config(_compose("classifier.img_size=big"))
+    with pytest.raises(CytologiaInputError, match="stage"):
+        check_config(_compose("stage=everything"))
+    with pytest.raises(CytologiaInputError, match="fold"):
+        check_config(_compose("fold=7"))
+
+
+def test_train_writes_resolved_config_and_provenance(tmp_path: Path) -> None:
+    result = train(_compose("+exp=smoke"), run_dir=tmp_path / "run")
+    assert result["trained"] is False  # no stage trainer is registered yet (issues #4/#5)
+    saved = OmegaConf.load(tmp_path / "run" / "config.yaml")
+    assert saved.exp_name == "smoke" and saved.classifier.img_size == 64
+    prov = json.loads((tmp_path / "run" / "provenance.json").read_text())
+    assert prov["stage"] == "classifier"
+    assert "torch" in prov["environment"]["packages"]
+    assert len(prov["git"]["sha"] or "x" * 40) == 40
+
+
+def test_train_py_entry_point(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "+exp=vitl224", f"paths.output_dir={tmp_path}", "fold=0"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "vit_large_patch16_224" in out.stdout
+    (run,) = list((tmp_path / "vitl224").iterdir())
+    assert (run / "config.yaml").is_file() and (run / "provenance.json").is_file()
+    bad = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "+exp=vitl224", "+trainer.epochz=3", f"paths.output_dir={tmp_path}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode != 0 and "epochz" in bad.stderr
