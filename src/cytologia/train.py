@@ -1,12 +1,15 @@
 """``train(cfg)``: one configured experiment, as a plain importable function (``train.py`` only wraps it).
 
-Stages register themselves in :data:`STAGES`; an experiment config picks one with ``stage:``. Until the detector and
-classifier stages land (issues #4 and #5), no stage is registered: a run composes, validates and prints the resolved
-config and writes it with the provenance into its run folder, and says that nothing was trained.
+:data:`STAGES` maps a stage name to ``"module:function"`` (imported only when that stage runs, so a detector run does
+not import timm); an experiment config picks one with ``stage:``. The function takes ``(cfg, run_dir)`` and returns a
+dict of results. A stage whose module has not landed yet (issues #4, #5, #7) is reported, not faked: the run composes,
+validates and prints the resolved config, writes it with the provenance into its run folder, and says nothing was
+trained.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +21,23 @@ from cytologia.provenance import write_run_info
 
 log = logging.getLogger(__name__)
 
-# stage name -> function(cfg, run_dir) -> dict of results. Filled by the stage modules as they land.
-STAGES: dict[str, Callable[[DictConfig, Path], dict[str, object]]] = {}
+# stage name -> "module:function"; function(cfg, run_dir) -> dict of results.
+STAGES: dict[str, str] = {
+    "detector": "cytologia.detection.stage:run",
+    "classifier": "cytologia.classification.stage:run",
+    "pipeline": "cytologia.pipeline:run",
+}
+
+
+def stage_function(name: str) -> Callable[[DictConfig, Path], dict[str, object]] | None:
+    """The function of a stage, or None when its module does not exist yet."""
+    module, _, func = STAGES[name].partition(":")
+    try:
+        return getattr(importlib.import_module(module), func)
+    except ModuleNotFoundError as err:
+        if err.name is not None and module.startswith(err.name):  # the stage module itself is absent
+            return None
+        raise
 
 
 def default_run_dir(cfg: DictConfig) -> Path:
@@ -41,7 +59,7 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, object]:
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(typed)
     write_run_info(run_dir, typed, extra={"stage": typed.stage, "fold": typed.fold})
     print(OmegaConf.to_yaml(typed, resolve=True), end="")
-    stage = STAGES.get(typed.stage)
+    stage = stage_function(typed.stage)
     if stage is None:
         log.warning(
             "stage %r has no trainer yet (detector: issue #4, classifier: issue #5): config validated and written to "
