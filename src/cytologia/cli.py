@@ -24,7 +24,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 def _requested(argv: list[str]) -> set[str]:
-    return {a for a in argv if a in COMMANDS}
+    """The command named by the first positional argument (options before it are global ones like -v), so that only
+    that command's module is imported -- a file argument that happens to be called "score" imports nothing."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    return {first} if first in COMMANDS else set()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
     image_dir = args.data / "images"
     train, _ = read_annotations(args.data / "train.csv", image_dir if image_dir.is_dir() else None, lenient=True)
-    test = read_test(args.data / "test.csv")
+    test = read_test(args.data / "test.csv", image_dir if image_dir.is_dir() else None)
     sub = prior_submission(train, test, image_dir if image_dir.is_dir() else None)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     sub.to_csv(args.out, index=False)
