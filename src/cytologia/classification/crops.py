@@ -1,0 +1,352 @@
+"""Cell crops for the classifiers: a box plus a margin, clipped to the image, resized to the model's input size.
+
+Pixel convention
+----------------
+Box corners are continuous pixel-edge coordinates: pixel ``i`` covers ``[i, i + 1)``, so the Trustii box
+``(10, 10, 20, 20)`` covers pixels 10..19 and its window (margin 0) is ``[10, 20)``. A float corner keeps every
+pixel it touches: the window is ``[floor(x1 - margin), ceil(x2 + margin))``, clipped to ``[0, width)``. A box that is
+degenerate or lies wholly outside the image still gives a window of at least one pixel (at the nearest border), so a
+crop is never empty.
+
+Crops are made on the fly inside :class:`CropDataset` (no PNG dump); decoded images can be kept in a bounded LRU
+cache per worker process. Out-of-fold detected boxes get their labels from the ground truth with
+:func:`label_boxes_from_truth`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from cytologia.data.errors import CytologiaInputError, ValidationError
+from cytologia.data.images import decode, resolve_image
+from cytologia.data.schema import BOX_COLUMNS
+from cytologia.metrics import giou_pairs
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)  # RGB, on the 0..1 scale (timm's defaults)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+CACHE_MODES: tuple[str, ...] = ("none", "memory")
+# Decoded images kept per worker with cache="memory": a 368x360 RGB smear is ~0.4 MB, so 256 images ~ 100 MB.
+DEFAULT_CACHE_IMAGES = 256
+MAX_REPORTED = 20  # rows listed in an error message
+
+
+def _box_floats(box: Sequence[float] | np.ndarray) -> tuple[float, float, float, float]:
+    values = np.asarray(box, dtype=np.float64).reshape(-1)
+    if values.size != 4:
+        raise CytologiaInputError(f"box {list(values)}: expected 4 values x1, y1, x2, y2")
+    x1, y1, x2, y2 = (float(v) for v in values)
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        raise CytologiaInputError(f"box ({x1}, {y1}, {x2}, {y2}): coordinates must be finite")
+    if x2 < x1 or y2 < y1:
+        raise CytologiaInputError(f"box ({x1}, {y1}, {x2}, {y2}): inverted (x2 < x1 or y2 < y1)")
+    return x1, y1, x2, y2
+
+
+def crop_box_with_margin(
+    box: Sequence[float] | np.ndarray, margin: float, width: int, height: int
+) -> tuple[int, int, int, int]:
+    """Integer pixel window ``(x1, y1, x2, y2)`` (x2, y2 exclusive) of ``box`` grown by ``margin`` px on every side.
+
+    Float corners round outwards (floor / ceil); the window is clipped to the ``width`` x ``height`` image and holds
+    at least one pixel, also for a degenerate box or one that lies outside the image.
+    """
+    if width < 1 or height < 1:
+        raise CytologiaInputError(f"image size {width}x{height}: must be at least 1x1")
+    if not math.isfinite(margin) or margin < 0:
+        raise CytologiaInputError(f"margin {margin}: must be a finite number >= 0")
+    x1, y1, x2, y2 = _box_floats(box)
+    wx1 = min(max(math.floor(x1 - margin), 0), width - 1)
+    wy1 = min(max(math.floor(y1 - margin), 0), height - 1)
+    wx2 = max(min(math.ceil(x2 + margin), width), wx1 + 1)
+    wy2 = max(min(math.ceil(y2 + margin), height), wy1 + 1)
+    return wx1, wy1, wx2, wy2
+
+
+def border_colour(image: np.ndarray) -> np.ndarray:
+    """Per-channel median of the outermost rows and columns of ``image`` (the smear's background around a cell)."""
+    ring = np.concatenate([image[0], image[-1], image[:, 0], image[:, -1]], axis=0)
+    return np.median(ring.reshape(ring.shape[0], -1), axis=0)
+
+
+def resize_interpolation(height: int, width: int, size: int) -> int:
+    """``cv2.INTER_AREA`` when the crop loses pixels (``height * width > size**2``), else ``cv2.INTER_LINEAR``."""
+    return cv2.INTER_AREA if height * width > size * size else cv2.INTER_LINEAR
+
+
+def crop_and_locate(
+    image: np.ndarray,
+    box: Sequence[float] | np.ndarray,
+    margin: float,
+    size: int | None,
+    *,
+    keep_aspect: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`crop_with_margin` and where the cell box lies in the returned crop (float x1, y1, x2, y2, in the
+    crop's pixel-edge coordinates, clipped to it) -- what :class:`~cytologia.classification.augment.BBoxAwareRotate`
+    rotates."""
+    if image.ndim not in (2, 3) or image.shape[0] < 1 or image.shape[1] < 1:
+        raise CytologiaInputError(f"image of shape {image.shape}: expected a non-empty HW or HWC array")
+    if size is not None and size < 1:
+        raise CytologiaInputError(f"crop size {size}: must be >= 1")
+    height, width = image.shape[:2]
+    wx1, wy1, wx2, wy2 = crop_box_with_margin(box, margin, width, height)
+    crop = image[wy1:wy2, wx1:wx2]
+    h, w = crop.shape[:2]
+    x1, y1, x2, y2 = _box_floats(box)
+    cell = np.array([x1 - wx1, y1 - wy1, x2 - wx1, y2 - wy1], dtype=np.float64)
+    cell = np.clip(cell, 0.0, [w, h, w, h])
+    if size is None:
+        return np.ascontiguousarray(crop), cell
+    if keep_aspect and h != w:
+        side = max(h, w)
+        top, left = (side - h) // 2, (side - w) // 2
+        colour = border_colour(crop)
+        value = [float(v) for v in np.atleast_1d(colour)] + [0.0] * (4 - np.atleast_1d(colour).size)
+        crop = cv2.copyMakeBorder(crop, top, side - h - top, left, side - w - left, cv2.BORDER_CONSTANT, value=value)
+        cell += [left, top, left, top]
+        h = w = side
+    out = cv2.resize(crop, (size, size), interpolation=resize_interpolation(h, w, size))
+    cell *= [size / w, size / h, size / w, size / h]
+    return out, cell
+
+
+def crop_with_margin(
+    image: np.ndarray,
+    box: Sequence[float] | np.ndarray,
+    margin: float,
+    size: int | None,
+    *,
+    keep_aspect: bool = False,
+) -> np.ndarray:
+    """The pixels of ``box`` plus ``margin`` px (see :func:`crop_box_with_margin`), resized to ``size`` x ``size``.
+
+    ``size=None`` keeps the native resolution. By default the window is stretched to a square (what the winners
+    did; cells are round, their boxes nearly square). ``keep_aspect=True`` first pads the short side, centred, with
+    the crop's border colour (:func:`border_colour`), so the cell keeps its shape. Shrinking uses ``INTER_AREA``,
+    enlarging ``INTER_LINEAR``. The channel order is the input's (BGR from OpenCV).
+    """
+    return crop_and_locate(image, box, margin, size, keep_aspect=keep_aspect)[0]
+
+
+# ------------------------------------------------------------------------------------------------ labels from truth
+def _check_box_table(table: pd.DataFrame, what: str, extra: tuple[str, ...] = ()) -> None:
+    missing = [c for c in ("NAME", *BOX_COLUMNS, *extra) if c not in table.columns]
+    if missing:
+        raise CytologiaInputError(f"{what}: missing column(s) {', '.join(missing)}")
+    coords = table[list(BOX_COLUMNS)].to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(coords).all(axis=1) | (coords[:, 2] < coords[:, 0]) | (coords[:, 3] < coords[:, 1])
+    if bad.any():
+        rows = np.flatnonzero(bad)
+        problems: list[tuple[int | None, str]] = [
+            (int(r) + 1, f"NAME={table['NAME'].iloc[r]!r} box {coords[r].tolist()} is not finite or is inverted")
+            for r in rows[:MAX_REPORTED]
+        ]
+        raise ValidationError(what, problems, total=len(rows))
+
+
+def label_boxes_from_truth(boxes: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
+    """Give each (out-of-fold detected) box the class of the ground-truth box of its image with the best GIoU.
+
+    ``boxes``: ``NAME, x1..y2`` and any other columns (score, fold, ...), kept as they are; ``truth``: ``NAME,
+    x1..y2, class`` and ``box_id`` (when absent, the truth row position is used as its id). Returns a copy of
+    ``boxes`` with ``class`` (missing -- NA -- where the image has no truth box), ``truth_box_id`` (-1 there),
+    ``giou`` (NaN there), and a ``box_id`` (the row position) when ``boxes`` has none. A ``class`` column already in
+    ``boxes`` is replaced. Ties go to the first truth row. Vectorised: one join on NAME, one GIoU pass.
+    """
+    _check_box_table(boxes, "boxes table")
+    _check_box_table(truth, "truth table", ("class",))
+    out = boxes.copy()
+    n = len(out)
+    t_ids = truth["box_id"].to_numpy(dtype=np.int64) if "box_id" in truth.columns else np.arange(len(truth))
+    left = pd.DataFrame({"NAME": out["NAME"].to_numpy(), "_row": np.arange(n)})
+    right = pd.DataFrame({"NAME": truth["NAME"].to_numpy(), "_truth": np.arange(len(truth))})
+    pairs = left.merge(right, on="NAME", how="inner", sort=False)
+    rows = pairs["_row"].to_numpy(dtype=np.int64)
+    tr = pairs["_truth"].to_numpy(dtype=np.int64)
+    b = out[list(BOX_COLUMNS)].to_numpy(dtype=np.float64)
+    t = truth[list(BOX_COLUMNS)].to_numpy(dtype=np.float64)
+    g = giou_pairs(b[rows], t[tr]) if len(pairs) else np.zeros(0)
+    # Best per detected row: sort by (row, -giou, truth order) and keep each row's first pair.
+    order = np.lexsort((tr, -g, rows))
+    rows, tr, g = rows[order], tr[order], g[order]
+    first = np.r_[True, rows[1:] != rows[:-1]] if len(rows) else np.zeros(0, dtype=bool)
+    cls = np.full(n, None, dtype=object)
+    truth_id = np.full(n, -1, dtype=np.int64)
+    best = np.full(n, np.nan)
+    cls[rows[first]] = truth["class"].to_numpy(dtype=object)[tr[first]]
+    truth_id[rows[first]] = t_ids[tr[first]]
+    best[rows[first]] = g[first]
+    if "box_id" not in out.columns:
+        out["box_id"] = np.arange(n, dtype=np.int64)
+    out["class"] = cls
+    out["truth_box_id"] = truth_id
+    out["giou"] = best
+    unmatched = int((truth_id < 0).sum())
+    if unmatched:
+        log.info("%d of %d boxes lie in images without a truth box: class None", unmatched, n)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------- dataset
+class CropDataset(Dataset):
+    """Cell crops made on the fly from a box table, for training or predicting a classifier.
+
+    ``table``: ``NAME, box_id, x1..y2`` and optionally ``class`` (a name of ``labels``; missing or null gives label
+    -1). Each item decodes ``image_dir/NAME`` (or its repaired copy in ``repair_dir``, see
+    :func:`cytologia.data.images.resolve_image`), converts it to RGB, crops the box plus ``margin`` px
+    (:func:`crop_and_locate`), applies ``transform`` (an albumentations ``Compose`` called as
+    ``transform(image=crop, cell_box=box)`` on the HWC uint8 crop, which must stay uint8 and ``img_size`` square),
+    and normalises with ``mean``/``std`` (0..1 scale). Items are dicts: ``image`` float32 CHW tensor, ``label``,
+    ``box_id`` and ``index`` (the row position) int64 tensors.
+
+    ``cache="memory"`` keeps up to ``cache_images`` decoded images per process (LRU); each DataLoader worker has
+    its own. Albumentations transforms are not reseeded per worker by albumentations itself: pass
+    :func:`worker_init_fn` to the DataLoader so workers draw different augmentations.
+    """
+
+    def __init__(
+        self,
+        table: pd.DataFrame,
+        image_dir: str | Path,
+        labels: Sequence[str],
+        img_size: int,
+        margin: float = 16,
+        transform: Callable[..., dict[str, Any]] | None = None,
+        cache: str = "none",
+        *,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        keep_aspect: bool = False,
+        repair_dir: str | Path | None = None,
+        cache_images: int = DEFAULT_CACHE_IMAGES,
+        source: str = "crop table",
+    ) -> None:
+        if cache not in CACHE_MODES:
+            raise CytologiaInputError(f"cache={cache!r}: must be one of {', '.join(CACHE_MODES)}")
+        if img_size < 1:
+            raise CytologiaInputError(f"img_size={img_size}: must be >= 1")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise CytologiaInputError(f"mean {mean} / std {std}: need 3 values each, std > 0")
+        _check_box_table(table, source, ("box_id",))
+        self.image_dir = Path(image_dir)
+        self.labels = tuple(labels)
+        self.img_size = int(img_size)
+        self.margin = float(margin)
+        self.transform = transform
+        self.cache = cache
+        self.cache_images = max(1, int(cache_images))
+        self.keep_aspect = keep_aspect
+        self.repair_dir = Path(repair_dir) if repair_dir is not None else None
+        self.source = source
+        self.mean = np.asarray(mean, dtype=np.float32) * 255.0  # applied to 0..255 values: one multiply-add
+        self.inv_std = 1.0 / (np.asarray(std, dtype=np.float32) * 255.0)
+        self.names = table["NAME"].astype(str).to_numpy(dtype=object)
+        self.boxes = table[list(BOX_COLUMNS)].to_numpy(dtype=np.float64)
+        self.box_ids = table["box_id"].to_numpy(dtype=np.int64)
+        self.targets = self._encode_labels(table)
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def _encode_labels(self, table: pd.DataFrame) -> np.ndarray:
+        """Label index per row (-1 where there is no class); unknown class names are an error listing the rows."""
+        n = len(table)
+        if "class" not in table.columns:
+            return np.full(n, -1, dtype=np.int64)
+        classes = table["class"]
+        known = classes.notna().to_numpy()
+        index = {name: i for i, name in enumerate(self.labels)}
+        codes = np.full(n, -1, dtype=np.int64)
+        mapped = classes[known].astype(str).map(index)
+        bad = mapped.isna().to_numpy()
+        if bad.any():
+            rows = np.flatnonzero(known)[bad]
+            problems: list[tuple[int | None, str]] = [
+                (int(r) + 1, f"class {classes.iloc[r]!r} is not one of the {len(self.labels)} labels")
+                for r in rows[:MAX_REPORTED]
+            ]
+            raise ValidationError(self.source, problems, total=len(rows))
+        codes[known] = mapped.to_numpy(dtype=np.int64)
+        return codes
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def image_path(self, name: str) -> Path:
+        """The file an image is read from: its repaired copy when there is one, else ``image_dir/name``."""
+        return resolve_image(self.image_dir / name, self.repair_dir, name)
+
+    def load_image(self, name: str) -> np.ndarray:
+        """RGB uint8 HWC array of an image, through the LRU cache when enabled."""
+        if self.cache == "memory" and name in self._cache:
+            self._cache.move_to_end(name)
+            return self._cache[name]
+        image = cv2.cvtColor(decode(self.image_path(name)), cv2.COLOR_BGR2RGB)
+        if self.cache == "memory":
+            self._cache[name] = image
+            while len(self._cache) > self.cache_images:
+                self._cache.popitem(last=False)
+        return image
+
+    def crop(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The uint8 RGB crop of row ``index`` (before the transform) and its cell box in crop coordinates."""
+        name = self.names[index]
+        try:
+            image = self.load_image(name)
+        except CytologiaInputError as err:
+            raise CytologiaInputError(f"{self.source}, row {index + 1} (NAME={name!r}): {err}") from None
+        return crop_and_locate(image, self.boxes[index], self.margin, self.img_size, keep_aspect=self.keep_aspect)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        index = int(index)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} crops")
+        index %= len(self)
+        crop, cell = self.crop(index)
+        if self.transform is not None:
+            crop = self.transform(image=crop, cell_box=cell)["image"]
+            if not isinstance(crop, np.ndarray) or crop.dtype != np.uint8:
+                raise CytologiaInputError(
+                    f"transform returned {type(crop).__name__} {getattr(crop, 'dtype', '')}: it must return the "
+                    "uint8 HWC image (the dataset normalises and converts to a tensor itself)"
+                )
+            if crop.shape[:2] != (self.img_size, self.img_size):
+                raise CytologiaInputError(
+                    f"transform changed the crop size to {crop.shape[:2]}; expected {self.img_size}x{self.img_size}"
+                )
+        image = (crop.astype(np.float32) - self.mean) * self.inv_std
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "label": torch.tensor(self.targets[index], dtype=torch.int64),
+            "box_id": torch.tensor(self.box_ids[index], dtype=torch.int64),
+            "index": torch.tensor(index, dtype=torch.int64),
+        }
+
+    def reseed(self, seed: int) -> None:
+        """Reseed the transform's random generators (albumentations ``set_random_seed``) when it has them."""
+        if self.transform is not None and hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(int(seed))
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: reseed the worker's :class:`CropDataset` transform from the worker's torch
+    seed (``base_seed + worker_id``), so that forked workers do not repeat each other's augmentations."""
+    info = torch.utils.data.get_worker_info()
+    if info is None:
+        return
+    dataset = info.dataset
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    if isinstance(dataset, CropDataset):
+        dataset.reseed(info.seed % 2**32)
