@@ -17,6 +17,8 @@ from cytologia.data.errors import CytologiaInputError
 STAGES: tuple[str, ...] = ("detector", "classifier", "pipeline")
 FOLD_MODES: tuple[str, ...] = ("stratified", "group-source")
 LOSSES: tuple[str, ...] = ("cross_entropy", "focal", "bce", "focal_multilabel")
+# "auto": bf16 autocast where the GPU supports it, fp16 with loss scaling on other GPUs, fp32 on CPU.
+PRECISIONS: tuple[str, ...] = ("auto", "32", "32-true", "bf16-mixed", "16-mixed")
 
 
 @dataclass
@@ -38,20 +40,44 @@ class FoldsConfig:
 
 @dataclass
 class DetectorConfig:
+    """Single-class detector (see cytologia.detection). Ranges and names are checked by the detector stage."""
+
     backend: str = "ultralytics"
     model: str = "yolo11n"
     img_size: int = 512
-    weights: str | None = None
+    weights: str | None = None  # init weights in models/ (checked against the manifest); None = random init
     epochs: int = 30
     batch_size: int = 16
     lr: float = 1e-3
+    optimizer: str = "AdamW"  # ultralytics names (SGD, AdamW, ...); its "auto" picks its own lr and ignores lr
+    patience: int = 0  # stop after this many epochs without a better box score; 0 = never stop early
+    device: str = "auto"  # "auto": first CUDA device, else cpu; or "cpu", "0", "0,1"
+    workers: int = 4  # data-loading processes
+    amp: bool = True  # mixed precision on CUDA (its check runs offline, see ultralytics_backend)
+    conf: float = 0.001  # score floor of predicted boxes: low, known-count keeps the top-N whatever their score
+    nms_iou: float = 0.6  # class-agnostic NMS IoU, in validation and prediction
+    max_det: int = 50  # boxes kept per image after NMS (real images hold at most 11 cells)
+    tta_flip: bool = True  # out-of-fold boxes also from the mirrored image (model name suffixed "+hflip")
+    predict_batch: int = 16
+    train_args: dict = field(default_factory=dict)  # extra ultralytics train arguments (augmentation, cache, ...)
 
 
 @dataclass
 class LossConfig:
     name: str = "cross_entropy"
     label_smoothing: float = 0.1
-    gamma: float = 2.0
+    gamma: float = 2.0  # focal losses only
+    alpha: list[float] | None = None  # focal losses: one weight per label (23, or 24 with background); None = 1
+
+
+@dataclass
+class AugmentConfig:
+    hue_saturation: bool = False  # off by default: stain colour carries class information
+    bbox_aware_p: float = 0.5  # probability of the bbox-aware transform (cell cropped, rotated, pasted back)
+    strength: str = "default"  # light | default | strong: photometric and affine magnitudes
+    mix_prob: float = 0.5  # probability that a training batch is mixed (MixUp or CutMix); 0 disables both
+    mixup_alpha: float = 0.2  # Beta(alpha, alpha) of MixUp; 0 disables MixUp
+    cutmix_alpha: float = 1.0  # Beta(alpha, alpha) of CutMix; 0 disables CutMix
 
 
 @dataclass
@@ -62,22 +88,38 @@ class ClassifierConfig:
     background: bool = False
     weights: str | None = None
     drop_path: float = 0.0
+    train_last_k: int | None = None  # train only the last k blocks (+ final norm and head; 0: those only); None: all
+    multilabel: bool = False  # full-image multi-label model (ml_* experiments)
+    boxes: str | None = None  # boxes table of detected out-of-fold boxes to crop; None = ground-truth boxes
+    # With background: a CSV NAME,x1,y1,x2,y2,fold of cell-free crops (images in its folder's images/), trained as
+    # the 24th label on the folds they are not held out in.
+    background_table: str | None = None
+    cache: str = "none"  # crop cache of the dataset (see cytologia.classification.crops)
     loss: LossConfig = field(default_factory=LossConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
 class TrainerConfig:
     accelerator: str = "auto"
-    devices: int = 1
+    devices: int = 1  # -1: every visible device
+    strategy: str = "auto"  # "ddp" for multi-GPU (one process per device)
+    ddp_backend: str | None = None  # process group backend for ddp: None = the engine's choice (nccl on CUDA), "gloo"
     precision: str = "auto"
     max_epochs: int = 32
-    batch_size: int = 32
+    batch_size: int = 32  # per device
     lr: float = 3e-4
+    min_lr_ratio: float = 0.01  # the cosine ends at lr * min_lr_ratio
     weight_decay: float = 0.05
-    warmup_epochs: int = 1
+    warmup_epochs: float = 1.0  # linear warm-up over this many epochs (applied per optimizer step)
     num_workers: int = 4
     ema: bool = False
+    ema_decay: float = 0.999
     accumulate_grad_batches: int = 1
+    grad_clip: float | None = None  # clip the gradient norm to this value
+    resume: bool = False  # continue each fold from fold_<k>/checkpoints/last.ckpt of the run folder when present
+    progress_bar: bool = True
+    log_every_n_steps: int = 50
 
 
 @dataclass
@@ -115,6 +157,32 @@ def _choice(value: str, valid: tuple[str, ...], key: str) -> None:
         raise CytologiaInputError(f"config key {key}={value!r} is not one of: {', '.join(valid)}")
 
 
+def _positive(value: float, key: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise CytologiaInputError(f"config key {key}={value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def _check_classifier_trainer(typed: DictConfig) -> None:
+    """Ranges and choices of the classifier and trainer groups (the stage checks what needs the model registry)."""
+    c, t = typed.classifier, typed.trainer
+    _choice(t.precision, PRECISIONS, "trainer.precision")
+    for key in ("img_size", "margin"):
+        _positive(c[key], f"classifier.{key}", allow_zero=key == "margin")
+    for key in ("max_epochs", "batch_size", "accumulate_grad_batches", "log_every_n_steps", "lr"):
+        _positive(t[key], f"trainer.{key}")
+    for key in ("num_workers", "warmup_epochs", "weight_decay", "min_lr_ratio"):
+        _positive(t[key], f"trainer.{key}", allow_zero=True)
+    if t.devices == 0 or t.devices < -1:
+        raise CytologiaInputError(f"config key trainer.devices={t.devices} must be >= 1, or -1 for every device")
+    if not 0.0 < t.ema_decay < 1.0:
+        raise CytologiaInputError(f"config key trainer.ema_decay={t.ema_decay} must be in (0, 1)")
+    for key in ("bbox_aware_p", "mix_prob"):
+        if not 0.0 <= c.augment[key] <= 1.0:
+            raise CytologiaInputError(f"config key classifier.augment.{key}={c.augment[key]} must be in [0, 1]")
+    if c.train_last_k is not None:
+        _positive(c.train_last_k, "classifier.train_last_k", allow_zero=True)
+
+
 def check_config(cfg: DictConfig | dict) -> DictConfig:
     """Validate a composed config against :class:`TrainConfig`; return it typed, resolved and read-only.
 
@@ -130,6 +198,7 @@ def check_config(cfg: DictConfig | dict) -> DictConfig:
     _choice(typed.stage, STAGES, "stage")
     _choice(typed.folds.mode, FOLD_MODES, "folds.mode")
     _choice(typed.classifier.loss.name, LOSSES, "classifier.loss.name")
+    _check_classifier_trainer(typed)
     if typed.folds.k < 2:
         raise CytologiaInputError(f"config key folds.k={typed.folds.k} must be >= 2")
     if typed.fold is not None and not 0 <= typed.fold < typed.folds.k:

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 # Packages whose versions change results; recorded when installed.
 TRACKED_PACKAGES: tuple[str, ...] = (
-    "cytologia", "torch", "torchvision", "timm", "ultralytics", "albumentations", "onnx", "onnxruntime",
+    "cytologia", "torch", "torchvision", "lightning", "timm", "ultralytics", "albumentations", "onnx", "onnxruntime",
     "onnxruntime-gpu", "numpy", "pandas", "opencv-python-headless", "scikit-learn", "iterative-stratification",
     "hydra-core", "omegaconf",
 )  # fmt: skip

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,8 +58,10 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, object]:
     """Validate ``cfg``, record it, and run its stage. Returns a summary (run folder, stage, what was done)."""
     typed = check_config(cfg)
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(typed)
-    write_run_info(run_dir, typed, extra={"stage": typed.stage, "fold": typed.fold})
-    print(OmegaConf.to_yaml(typed, resolve=True), end="")
+    # Under DDP every process re-runs this script; only the first one records the run and prints the config.
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+        write_run_info(run_dir, typed, extra={"stage": typed.stage, "fold": typed.fold})
+        print(OmegaConf.to_yaml(typed, resolve=True), end="")
     stage = stage_function(typed.stage)
     if stage is None:
         log.warning(
