@@ -19,6 +19,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "folds": ("cytologia.data.folds_cli", "source-aware, multilabel-stratified folds"),
     "baseline": ("cytologia.commands.baseline", "null-model submission: prior box and most frequent class"),
     "weights": ("cytologia.commands.weights", "register and check local weight files (models/manifest.json)"),
+    "export": ("cytologia.commands.export", "export a trained model to ONNX, verified against torch"),
+    "clean": ("cytologia.commands.clean", "flag and remove noisy training boxes with out-of-fold detections"),
     "bench": ("cytologia.commands.bench", "benchmarks (score, synth, folds, ...)"),
 }
 

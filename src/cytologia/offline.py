@@ -34,3 +34,36 @@ def apply() -> None:
 
 
 apply()
+
+
+# Font names ultralytics asks for (check_font): Arial.ttf for ASCII class names, Arial.Unicode.ttf otherwise. When
+# neither is in its config dir it sends a HEAD request to its asset server on every train/val -- even with
+# YOLO_OFFLINE=1 -- so a stand-in is placed there first.
+YOLO_FONTS: tuple[str, ...] = ("Arial.ttf", "Arial.Unicode.ttf")
+
+
+def install_yolo_fonts(directory: Path | None = None) -> list[Path]:
+    """Place a stand-in font under each name in :data:`YOLO_FONTS` in ultralytics' config folder; returns the paths.
+
+    ``directory`` is ultralytics' ``USER_CONFIG_DIR`` (``$YOLO_CONFIG_DIR/Ultralytics``, the default here). The font
+    is matplotlib's bundled DejaVu Sans (a dependency already): only plot labels use it. Files already present are
+    left alone; the copy goes through a temporary name so a concurrent reader never sees half a file.
+    """
+    import shutil
+
+    import matplotlib
+
+    if directory is None:
+        directory = Path(os.environ.get("YOLO_CONFIG_DIR", str(yolo_config_dir()))).expanduser() / "Ultralytics"
+    directory = Path(directory)
+    source = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    placed = []
+    for name in YOLO_FONTS:
+        target = directory / name
+        if not target.is_file():
+            directory.mkdir(parents=True, exist_ok=True)
+            tmp = directory / f".{name}.{os.getpid()}.tmp"
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, target)
+        placed.append(target)
+    return placed

@@ -1,0 +1,74 @@
+"""`cytologia export detector --weights W --out model.onnx --img-size 512`: ONNX export, verified against torch.
+
+After writing the graph the command runs it with ONNX Runtime next to the torch checkpoint on the same images
+(``--images DIR``, or a few generated smears) and fails (exit 1) when they differ beyond the tolerances of
+:mod:`cytologia.detection.export`. ``--bench`` adds detection ms/image on the CPU, torch vs ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from cytologia.data.errors import CytologiaInputError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="what", metavar="WHAT", required=True)
+    det = sub.add_parser("detector", help="a trained detector checkpoint (detector.pt) to ONNX")
+    det.add_argument("--weights", type=Path, required=True, help="trained checkpoint (run folder's fold_K/detector.pt)")
+    det.add_argument("--out", type=Path, required=True, help="ONNX file to write")
+    det.add_argument("--img-size", type=int, default=512, help="network input side the graph is traced at (512)")
+    det.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's choice)")
+    det.add_argument("--images", type=Path, default=None, help="folder of images to verify on (default: generated)")
+    det.add_argument("--n-verify", type=int, default=8, help="images used for the parity check (8)")
+    det.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime vs torch check")
+    det.add_argument("--bench", action="store_true", help="also time detection on the CPU, torch vs ONNX Runtime")
+    det.add_argument("--threads", type=int, default=2, help="CPU threads for --bench (2)")
+    det.add_argument("--bench-batch", type=int, default=1, help="images per forward pass for --bench (1)")
+    det.add_argument("--report", type=Path, default=None, help="write the parity/bench results as JSON here")
+
+
+def _images(folder: Path, n: int) -> list[Path]:
+    if not folder.is_dir():
+        raise CytologiaInputError(f"{folder}: no such image folder")
+    found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not found:
+        raise CytologiaInputError(f"{folder}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return found[:n]
+
+
+def run(args: argparse.Namespace) -> int:
+    from cytologia.detection.export import benchmark, export_detector, generated_images, verify_onnx
+
+    if args.img_size < 32 or args.img_size % 32:
+        raise CytologiaInputError(f"--img-size {args.img_size} must be a positive multiple of 32")
+    if args.n_verify < 1:
+        raise CytologiaInputError(f"--n-verify {args.n_verify} must be >= 1")
+    detector, path = export_detector(args.weights, args.out, args.img_size, opset=args.opset)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) from {args.weights} ({detector.model})")
+    results: dict[str, object] = {"onnx": str(path), "weights": str(args.weights), "img_size": args.img_size}
+    ok = True
+    with tempfile.TemporaryDirectory(prefix="cytologia-export-") as tmp:
+        images = _images(args.images, args.n_verify) if args.images else generated_images(tmp, args.n_verify)
+        if not args.no_verify:
+            report = verify_onnx(detector, path, images, args.img_size)
+            print(report.summary())
+            results["parity"] = report.as_dict()
+            ok = report.passed
+        if args.bench:
+            timing = benchmark(detector, path, images, args.img_size, threads=args.threads, batch_size=args.bench_batch)
+            print(
+                f"detection on {timing['n_images']} images, {args.threads} thread(s), batch {args.bench_batch}: "
+                f"torch {timing['torch_ms_per_image']:.1f} ms/image, "
+                f"ONNX Runtime {timing['onnxruntime_ms_per_image']:.1f} ms/image"
+            )
+            results["bench"] = timing
+    if args.report is not None:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(json.dumps(results, indent=1) + "\n")
+    return 0 if ok else 1

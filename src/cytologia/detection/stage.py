@@ -1,0 +1,278 @@
+"""The detector stage: ``run(cfg, run_dir)`` trains one fold (``fold=K``) or every fold, and writes out-of-fold boxes.
+
+Steps: make sure the data exists (a synthetic set is generated on first use when ``data.synthetic``), read and
+validate ``train.csv`` (lenient per ``data.lenient``), read ``folds.csv`` from the data folder or make it (the
+convention the classifier stage follows too, so both stages share folds), then per fold::
+
+    <run_dir>/fold_<k>/detector.pt         the selected checkpoint (best known-count box term on the held-out fold)
+    <run_dir>/fold_<k>/ultralytics/        the backend's own run folder (args.yaml, results.csv, best.pt, last.pt)
+    <run_dir>/fold_<k>/oof_boxes.csv       raw boxes of every held-out image (plain, and mirrored with tta_flip)
+    <run_dir>/fold_<k>/metrics.json        selection, per-epoch history, timing, box term per model variant
+    <run_dir>/oof_boxes.csv, metrics.json  the folds of this run together; folds.csv: the folds used
+
+The box term reported is the challenge's (mean rescaled GIoU) under the known-count rule, scored against the
+training labels of the held-out images (:func:`cytologia.detection.oof.known_count_giou`), for each model variant
+alone (fusing the variants is :mod:`cytologia.detection.fusion`'s job).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+
+from cytologia.data.errors import CytologiaInputError, ValidationError
+from cytologia.detection.oof import OOF_COLUMNS, empty_boxes, known_count_giou, write_boxes
+from cytologia.detection.registry import DetectionData, Detector, TrainResult, TrainSettings, create_detector
+
+log = logging.getLogger(__name__)
+
+OOF_FILE = "oof_boxes.csv"
+METRICS_FILE = "metrics.json"
+CHECKPOINT_FILE = "detector.pt"
+FOLDS_FILE = "folds.csv"  # in the data folder, shared with the classifier stage
+FOLDS_REPORT = "folds_report.json"
+FLIP_SUFFIX = "+hflip"  # model name of the boxes predicted on the mirrored image
+STRIDE = 32  # the largest stride of the YOLO heads: the input side must be a multiple of it
+
+
+# ------------------------------------------------------------------------------------------------------ config
+def check_detector_config(det: DictConfig) -> None:
+    """Ranges of the detector group (names are checked by the registry when the detector is created)."""
+
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise CytologiaInputError(f"config key detector.{key}={det[key]!r} {what}")
+
+    need(det.img_size >= STRIDE and det.img_size % STRIDE == 0, "img_size", f"must be a positive multiple of {STRIDE}")
+    for key in ("epochs", "batch_size", "max_det", "predict_batch"):
+        need(det[key] >= 1, key, "must be >= 1")
+    for key in ("patience", "workers"):
+        need(det[key] >= 0, key, "must be >= 0")
+    need(det.lr > 0, "lr", "must be > 0")
+    need(0.0 <= det.conf < 1.0, "conf", "must be in [0, 1)")
+    need(0.0 < det.nms_iou <= 1.0, "nms_iou", "must be in (0, 1]")
+
+
+def model_id(det: DictConfig) -> str:
+    """The ``model`` value of this detector's boxes: architecture and input size, e.g. ``yolo11s_512``."""
+    return f"{det.model}_{det.img_size}"
+
+
+def init_weights(cfg: DictConfig) -> Path | None:
+    """``detector.weights`` as a checked path: a file path, or a bare name in ``paths.models_dir``; its sha256 must
+    match the manifest of its folder (:func:`cytologia.weights.verified_path`). None: random init."""
+    if cfg.detector.weights is None:
+        return None
+    from cytologia.weights import verified_path
+
+    given = Path(cfg.detector.weights)
+    path = given if given.is_file() else Path(cfg.paths.models_dir) / given
+    return verified_path(path, path.parent)
+
+
+def train_settings(cfg: DictConfig) -> TrainSettings:
+    det = cfg.detector
+    return TrainSettings(
+        epochs=int(det.epochs), img_size=int(det.img_size), batch_size=int(det.batch_size), lr=float(det.lr),
+        optimizer=str(det.optimizer), patience=int(det.patience), device=str(det.device), workers=int(det.workers),
+        amp=bool(det.amp), seed=int(cfg.seed), nms_iou=float(det.nms_iou), extra=dict(det.train_args),
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------- data
+def ensure_data(cfg: DictConfig) -> Path:
+    """The data folder (``train.csv`` + ``images/``); a synthetic set is generated there when configured and absent."""
+    root = Path(cfg.data.root)
+    train_csv = root / "train.csv"
+    if not train_csv.is_file():
+        if not cfg.data.synthetic:
+            raise CytologiaInputError(
+                f"{train_csv}: no such file (data.root={cfg.data.root}); place the Cytologia data there "
+                "(train.csv + images/) or use data=synthetic"
+            )
+        if cfg.data.n_images < 1:
+            raise CytologiaInputError(f"config key data.n_images={cfg.data.n_images} must be >= 1 to generate data")
+        from cytologia.data.synthetic.generate import generate
+
+        workers = max(1, min(4, os.cpu_count() or 1))
+        log.info("generating %d synthetic images into %s (seed %d)", cfg.data.n_images, root, cfg.data.synth_seed)
+        generate(root, cfg.data.n_images, seed=cfg.data.synth_seed, workers=workers)
+    if not (root / "images").is_dir():
+        raise CytologiaInputError(f"{root / 'images'}: no such folder (the images of {train_csv})")
+    return root
+
+
+def read_train(cfg: DictConfig, root: Path) -> pd.DataFrame:
+    """The validated annotations table of ``root/train.csv`` (boxes clipped to their image, sizes known)."""
+    from cytologia.data.io import read_annotations
+
+    table, report = read_annotations(root / "train.csv", root / "images", lenient=cfg.data.lenient)
+    log.info("%s", report.summary())
+    if table.empty:
+        raise CytologiaInputError(f"{root / 'train.csv'}: no usable box left after validation")
+    return table
+
+
+def read_folds(path: Path) -> pd.DataFrame:
+    """A ``NAME,fold`` table; bad rows raise :class:`ValidationError` naming the file and rows."""
+    raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in ("NAME", "fold") if c not in raw.columns]
+    if missing:
+        raise ValidationError(path, [(None, f"missing column(s) {', '.join(missing)}")])
+    fold = pd.to_numeric(raw["fold"], errors="coerce")
+    bad = np.flatnonzero(fold.isna().to_numpy() | (fold < 0).to_numpy() | (fold != fold.round()).to_numpy())
+    dup = np.flatnonzero(raw["NAME"].duplicated().to_numpy())
+    problems = [(int(i) + 1, f"fold={raw['fold'].iat[i]!r} is not a non-negative integer") for i in bad[:20]]
+    problems += [(int(i) + 1, f"NAME {raw['NAME'].iat[i]} repeats") for i in dup[:20]]
+    if problems:
+        raise ValidationError(path, problems, total=len(bad) + len(dup))
+    return pd.DataFrame({"NAME": raw["NAME"], "fold": fold.astype(np.int64)})
+
+
+def ensure_folds(cfg: DictConfig, table: pd.DataFrame, root: Path) -> pd.DataFrame:
+    """``root/folds.csv`` when it exists (checked against the config and the table), else made and written."""
+    path = root / FOLDS_FILE
+    k = int(cfg.folds.k)
+    if path.is_file():
+        folds = read_folds(path)
+        report_path = root / FOLDS_REPORT
+        if report_path.is_file():
+            made = json.loads(report_path.read_text())
+            wanted = {"k": k, "seed": int(cfg.folds.seed), "mode": str(cfg.folds.mode)}
+            differ = {key: made.get(key) for key in wanted if made.get(key) != wanted[key]}
+            if differ:
+                raise CytologiaInputError(
+                    f"{path} was made with {differ} but the config asks for {wanted}: delete {path} (and "
+                    f"{report_path}) to remake the folds, or change the folds config"
+                )
+        found = sorted(set(folds["fold"].tolist()))
+        if found != list(range(k)):
+            raise CytologiaInputError(f"{path} holds folds {found}, the config asks for folds.k={k}")
+    else:
+        from cytologia.data.folds import make_folds
+        from cytologia.data.hygiene import find_duplicates
+
+        names = list(pd.unique(table["NAME"]))
+        dups = find_duplicates(root / "images", names, near_threshold=cfg.folds.near_threshold)
+        folds, report = make_folds(
+            table, k=k, seed=int(cfg.folds.seed), mode=str(cfg.folds.mode), image_dir=root / "images",
+            dup_groups=dups.set_index("NAME")["dup_group"],
+        )  # fmt: skip
+        folds.to_csv(path, index=False)
+        (root / FOLDS_REPORT).write_text(json.dumps(report.to_dict(), indent=1, default=str) + "\n")
+        log.info("%s\nwrote %s", report.summary(), path)
+    lost = ~table["NAME"].isin(folds["NAME"])
+    if lost.any():
+        first = ", ".join(table.loc[lost, "NAME"].astype(str).unique()[:5])
+        raise CytologiaInputError(
+            f"{path}: {int(lost.sum())} box(es) of train.csv belong to images without a fold (e.g. {first}); the "
+            f"folds are stale: delete {path} to remake them"
+        )
+    return folds
+
+
+# ---------------------------------------------------------------------------------------------------- out-of-fold
+def oof_boxes(
+    detector: Detector, cfg: DictConfig, image_dir: Path, names: list[str], fold: int
+) -> tuple[pd.DataFrame, float]:
+    """Raw boxes of the held-out images ``names`` (plain pass, and mirrored pass with ``detector.tta_flip``) as an
+    :data:`~cytologia.detection.oof.OOF_COLUMNS` table; returns it with the prediction wall time (s)."""
+    det = cfg.detector
+    start = time.perf_counter()
+    pred = detector.predict(
+        [image_dir / n for n in names], img_size=int(det.img_size), conf=float(det.conf), iou=float(det.nms_iou),
+        max_det=int(det.max_det), tta_flip=bool(det.tta_flip), batch_size=int(det.predict_batch),
+        device=str(det.device), names=names,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    base = model_id(det)
+    out = pred.drop(columns="tta")
+    out["model"] = np.where(pred["tta"].to_numpy() == "hflip", base + FLIP_SUFFIX, base)
+    out["fold"] = np.int64(fold)
+    return out[list(OOF_COLUMNS)], seconds
+
+
+def box_scores(oof: pd.DataFrame, truth: pd.DataFrame, variants: list[str]) -> dict[str, float]:
+    """Known-count box term of each model variant alone (a variant without any box scores its padding)."""
+    out = {}
+    for model in variants:
+        boxes = oof.loc[oof["model"] == model]
+        out[model] = known_count_giou(boxes if len(boxes) else empty_boxes(), truth)
+    return out
+
+
+def _fold_summary(
+    result: TrainResult, scores: dict[str, float], n_held: int, predict_s: float, oof: pd.DataFrame
+) -> dict[str, object]:
+    kc = [row.get("metrics/known_count_giou", float("nan")) for row in result.history]
+    epoch_s = result.epoch_seconds
+    return {
+        "checkpoint": str(result.weights),
+        "selection": result.selection,
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "selection_metric_per_epoch": kc,
+        "final_metrics": result.metrics,
+        "oof_known_count_giou": scores,
+        "n_train_images": result.n_train_images,
+        "n_val_images": result.n_val_images,
+        "n_held_out_without_box": int(n_held - oof["NAME"].nunique()),
+        "train_seconds": result.seconds,
+        "epoch_train_seconds": epoch_s,
+        "train_seconds_per_epoch_per_100_images": (
+            float(np.mean(epoch_s)) * 100.0 / max(result.n_train_images, 1) if epoch_s else None
+        ),
+        "predict_seconds": predict_s,
+        "predict_ms_per_image_pass": 1000.0 * predict_s / max(n_held * len(scores), 1),
+        "history": result.history,
+    }
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, object]:
+    """Train the configured detector on one fold (``cfg.fold``) or every fold; write weights, OOF boxes, metrics."""
+    det = cfg.detector
+    check_detector_config(det)
+    create_detector(det.backend, det.model)  # a misspelt backend/model fails before any data work
+    weights = init_weights(cfg)  # so does a missing or altered weight file
+    run_dir = Path(run_dir)
+    root = ensure_data(cfg)
+    table = read_train(cfg, root)
+    folds = ensure_folds(cfg, table, root)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    folds.to_csv(run_dir / FOLDS_FILE, index=False)
+    fold_ids = [int(cfg.fold)] if cfg.fold is not None else list(range(int(cfg.folds.k)))
+    settings = train_settings(cfg)
+    cache = Path(cfg.paths.cache_dir) / "detector"
+    variants = [model_id(det)] + ([model_id(det) + FLIP_SUFFIX] if det.tta_flip else [])
+    summaries: dict[str, object] = {}
+    parts = []
+    for k in fold_ids:
+        fold_dir = run_dir / f"fold_{k}"
+        detector = create_detector(det.backend, det.model, weights=weights)
+        log.info("detector %s fold %d: training into %s", model_id(det), k, fold_dir)
+        data = DetectionData(table=table, folds=folds, image_dir=root / "images", fold=k, cache_dir=cache)
+        result = detector.train(data, fold_dir, settings)
+        held = folds.loc[folds["fold"] == k, "NAME"].astype(str).tolist()
+        oof, predict_s = oof_boxes(detector, cfg, root / "images", held, k)
+        write_boxes(oof, fold_dir / OOF_FILE)
+        scores = box_scores(oof, table.loc[table["NAME"].isin(held)], variants)
+        summary = _fold_summary(result, scores, len(held), predict_s, oof)
+        (fold_dir / METRICS_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+        log.info("fold %d: best epoch %d, known-count box term %s", k, result.best_epoch, scores)
+        summaries[str(k)] = {key: v for key, v in summary.items() if key != "history"}
+        parts.append(oof)
+    all_oof = pd.concat(parts, ignore_index=True) if parts else empty_boxes()
+    oof_path = write_boxes(all_oof, run_dir / OOF_FILE)
+    trained = [int(f) for f in summaries]
+    held_all = folds.loc[folds["fold"].isin(trained), "NAME"]
+    overall = box_scores(all_oof, table.loc[table["NAME"].isin(held_all)], variants)
+    metrics = {"model": model_id(det), "folds": trained, "oof_known_count_giou": overall, "per_fold": summaries}
+    (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=1) + "\n")
+    return {"folds": trained, "oof_boxes": str(oof_path), "oof_known_count_giou": overall}

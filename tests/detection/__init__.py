@@ -1,0 +1,1 @@
+"""Tests of cytologia.detection (a package: its module names repeat those of other test folders)."""
