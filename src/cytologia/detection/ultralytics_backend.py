@@ -162,9 +162,13 @@ def _label_path(image_path: str) -> str:
     return sb.join(image_path.rsplit(sa, 1)).rsplit(".", 1)[0] + ".txt"
 
 
-def _dataset_key(data: DetectionData, boxes: pd.DataFrame, folds: pd.DataFrame) -> str:
+def _dataset_key(
+    data: DetectionData, boxes: pd.DataFrame, folds: pd.DataFrame, class_names: Sequence[str] | None = None
+) -> str:
     h = hashlib.sha256()
     h.update(f"v1|{Path(data.image_dir).resolve()}|{data.repaired_dir}|{data.fold}\n".encode())
+    if class_names is not None:  # only then: single-class keys (and caches) stay what they were
+        h.update(("classes|" + "|".join(class_names) + "\n").encode())
     h.update(folds.to_csv(index=False).encode())
     h.update(boxes.round(3).to_csv(index=False).encode())
     return h.hexdigest()[:16]
@@ -186,20 +190,38 @@ def _image_size_table(data: DetectionData, names: np.ndarray) -> pd.DataFrame:
     return known.reindex(names)
 
 
-def write_yolo_dataset(data: DetectionData) -> tuple[Path, dict[str, int]]:
+def write_yolo_dataset(data: DetectionData, class_names: Sequence[str] | None = None) -> tuple[Path, dict[str, int]]:
     """Write (or reuse) the ultralytics dataset of one held-out fold; returns its data yaml and counts.
 
     Training images: every fold but ``data.fold``; validation: ``data.fold``. Images listed in the folds without a
     box are negatives (empty label file). A box that is empty after clipping to its image is skipped and counted
     (``skipped_empty``, logged). Errors name the images: an annotated image missing from the folds, a file name
     ultralytics would not treat as an image, a missing image file.
+
+    ``class_names`` None: one class (:data:`CLASS_NAME`, label 0). Given (e.g. the 23 classes, for a single-stage
+    detector that also classifies): ``data.table`` needs a ``class`` column, a box's label is the index of its class
+    in ``class_names`` and the data yaml names them; a class not in the list is an error naming its rows.
     """
     folds = data.folds[["NAME", "fold"]].copy()
     folds["NAME"] = folds["NAME"].astype(str)
     if folds["NAME"].duplicated().any():
         dup = folds.loc[folds["NAME"].duplicated(), "NAME"].head(5).tolist()
         raise CytologiaInputError(f"folds table lists image(s) twice: {', '.join(dup)}")
-    boxes = data.table[["NAME", *BOX_COLUMNS]].copy()
+    if class_names is None:
+        boxes = data.table[["NAME", *BOX_COLUMNS]].copy()
+        label = np.zeros(len(boxes), np.int64)
+    else:
+        class_names = [str(c) for c in class_names]
+        if not class_names or len(set(class_names)) != len(class_names):
+            raise CytologiaInputError(f"class_names must be distinct and non-empty: {class_names}")
+        if "class" not in data.table.columns:
+            raise CytologiaInputError("a multi-class dataset needs a 'class' column in the annotations table")
+        boxes = data.table[["NAME", *BOX_COLUMNS, "class"]].copy()
+        label = pd.Index(class_names).get_indexer(boxes["class"].astype(str))
+        unknown = np.flatnonzero(label < 0)
+        if len(unknown):
+            shown = ", ".join(f"row {i + 1} ({boxes['NAME'].iat[i]}: {boxes['class'].iat[i]!r})" for i in unknown[:10])
+            raise CytologiaInputError(f"{len(unknown)} box(es) with a class outside class_names: {shown}")
     boxes["NAME"] = boxes["NAME"].astype(str)
     orphans = sorted(set(boxes["NAME"]) - set(folds["NAME"]))
     if orphans:
@@ -214,7 +236,7 @@ def write_yolo_dataset(data: DetectionData) -> tuple[Path, dict[str, int]]:
             f"{len(not_image)} file name(s) without an image extension ({', '.join(sorted(IMG_FORMATS))}): "
             + ", ".join(not_image[:10])
         )
-    key = _dataset_key(data, boxes, folds)
+    key = _dataset_key(data, boxes, folds, class_names)
     root = Path(data.cache_dir) / f"yolo_fold{data.fold}_{key}"
     done = root / "complete.txt"
     counts_file = root / "counts.yaml"
@@ -234,7 +256,9 @@ def write_yolo_dataset(data: DetectionData) -> tuple[Path, dict[str, int]]:
         log.warning("%d box(es) are empty once clipped to their image and are left out of the detector labels", skipped)
     cx, cy = (xyxy[:, 0] + xyxy[:, 2]) / 2 / w, (xyxy[:, 1] + xyxy[:, 3]) / 2 / h
     bw, bh = (xyxy[:, 2] - xyxy[:, 0]) / w, (xyxy[:, 3] - xyxy[:, 1]) / h
-    lines = pd.Series([f"0 {a:.6f} {b:.6f} {c:.6f} {d:.6f}" for a, b, c, d in zip(cx, cy, bw, bh)], dtype=object)
+    lines = pd.Series(
+        [f"{k} {a:.6f} {b:.6f} {c:.6f} {d:.6f}" for k, a, b, c, d in zip(label.tolist(), cx, cy, bw, bh)], dtype=object
+    )
     per_image = lines[keep].groupby(boxes["NAME"].to_numpy()[keep]).agg("\n".join)
 
     tmp = root.with_name(f".{root.name}.{os.getpid()}.tmp")
@@ -264,7 +288,8 @@ def write_yolo_dataset(data: DetectionData) -> tuple[Path, dict[str, int]]:
         "negatives": int(len(names) - len(set(boxes["NAME"]))),
         "skipped_empty": skipped,
     }
-    spec = {"path": str(root.resolve()), "train": "images/train", "val": "images/val", "names": {0: CLASS_NAME}}
+    names_spec = {0: CLASS_NAME} if class_names is None else dict(enumerate(class_names))
+    spec = {"path": str(root.resolve()), "train": "images/train", "val": "images/val", "names": names_spec}
     (tmp / "data.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     (tmp / "counts.yaml").write_text(yaml.safe_dump(counts, sort_keys=False))
     (tmp / "complete.txt").write_text(f"{len(names)} images\n")
@@ -392,10 +417,13 @@ def to_input(batch: list[np.ndarray], flip: bool = False) -> np.ndarray:
 
 def boxes_from_output(
     raw: torch.Tensor | np.ndarray, frames: list[Letterbox], size: int, *, conf: float, iou: float, max_det: int,
-    flipped: bool = False,
+    flipped: bool = False, with_class: bool = False,
 ) -> list[np.ndarray]:  # fmt: skip
-    """Raw head output (B, 4 + 1, anchors: centre-size boxes in input pixels, score) -> per image an (n, 5) array of
-    ``x1, y1, x2, y2, score`` in the image's own pixels (class-agnostic NMS, clipped to the image)."""
+    """Raw head output (B, 4 + nc, anchors: centre-size boxes in input pixels, class scores) -> per image an (n, 5)
+    array of ``x1, y1, x2, y2, score`` in the image's own pixels (class-agnostic NMS, clipped to the image).
+
+    ``with_class`` (a multi-class head): (n, 6) arrays, the 6th column the box's class index; a box is one candidate
+    with its best class (score = that class's score), not one candidate per class."""
     raw = torch.as_tensor(raw).float()
     # max_time_img=inf: ultralytics' NMS otherwise stops after 2 s + 50 ms/image and leaves the rest of the batch
     # without boxes (seen on a loaded 2-core CPU at 512 px) -- never acceptable for out-of-fold boxes
@@ -404,7 +432,7 @@ def boxes_from_output(
     )
     out = []
     for det, f in zip(dets, frames):
-        d = det[:, :5].cpu().numpy().astype(np.float64)
+        d = det[:, : 6 if with_class else 5].cpu().numpy().astype(np.float64)
         if flipped:
             d[:, [0, 2]] = size - d[:, [2, 0]]
         d[:, [0, 2]] = np.clip((d[:, [0, 2]] - f.pad_x) / f.gain_x, 0, f.width)
@@ -425,9 +453,11 @@ def detect_images(
     tta_flip: bool,
     batch_size: int,
     workers: int | None = None,
+    with_class: bool = False,
 ) -> pd.DataFrame:
     """Run ``forward`` (network input -> raw head output) over ``images`` in batches; a :data:`PREDICT_COLUMNS`
-    table. Decoding runs in ``workers`` threads; an unreadable image is an error naming it."""
+    table. Decoding runs in ``workers`` threads; an unreadable image is an error naming it. ``with_class`` (a
+    multi-class head, see :func:`boxes_from_output`): one more column, ``cls`` (int64 class index), before ``tta``."""
     paths = [Path(p) for p in images]
     names = [p.name for p in paths] if names is None else [str(n) for n in names]
     if len(names) != len(paths):
@@ -439,12 +469,18 @@ def detect_images(
         squares, frames = [b[0] for b in boxed], [b[1] for b in boxed]
         for flip in (False, True) if tta_flip else (False,):
             raw = forward(to_input(squares, flip))
-            dets = boxes_from_output(raw, frames, img_size, conf=conf, iou=iou, max_det=max_det, flipped=flip)
+            dets = boxes_from_output(
+                raw, frames, img_size, conf=conf, iou=iou, max_det=max_det, flipped=flip, with_class=with_class
+            )
             tag = "hflip" if flip else "none"
             for name, d in zip(names[start : start + batch_size], dets):
                 rows += [(name, *r, tag) for r in d.tolist()]
-    table = pd.DataFrame(rows, columns=list(PREDICT_COLUMNS))
-    return table.astype({c: np.float64 for c in (*BOX_COLUMNS, "score")})
+    columns = [*PREDICT_COLUMNS[:-1], "cls", PREDICT_COLUMNS[-1]] if with_class else list(PREDICT_COLUMNS)
+    table = pd.DataFrame(rows, columns=columns)
+    types: dict[str, Any] = {c: np.float64 for c in (*BOX_COLUMNS, "score")}
+    if with_class:
+        types["cls"] = np.int64
+    return table.astype(types)
 
 
 # ------------------------------------------------------------------------------------------------------- backend
