@@ -3,6 +3,9 @@
 Crops are cut on the fly by :class:`cytologia.classification.crops.CropDataset` (box + margin, resized); training
 may draw from several sources (the annotated images and, for a background-class model, the background images),
 each a table plus its image folder. Under DDP the engine shards both loaders with a distributed sampler.
+
+:class:`FullImageDataModule` is the same for the multi-label full-image model: its sources are image tables
+(:func:`cytologia.classification.fullimage.image_table`), items whole letterboxed images with multi-hot targets.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ def reseed_worker(worker_id: int) -> None:
 
 @dataclass(frozen=True)
 class CropSource:
-    """Boxes to crop (``NAME, x1, y1, x2, y2, class`` and a ``box_id``) and the folder their images are in."""
+    """Boxes to crop (``NAME, x1, y1, x2, y2, class`` and a ``box_id``) and the folder their images are in; for
+    :class:`FullImageDataModule`, an image table (``NAME, classes, cell_class``) and its folder."""
 
     table: pd.DataFrame
     image_dir: Path
@@ -59,7 +63,7 @@ class CropDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if not train or sum(len(s.table) for s in train) == 0:
-            raise ValueError("no training boxes")
+            raise ValueError("no training boxes or images (every training table is empty)")
         self.train_sources = list(train)
         self.val_source = val
         self.label_names = list(label_names)
@@ -125,3 +129,37 @@ class CropDataModule(L.LightningDataModule):
         self.setup("predict")
         assert self.val_set is not None
         return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+
+
+class FullImageDataModule(CropDataModule):
+    """Training and validation loaders of whole images for one fold (the multi-label model): each source is an image
+    table (``NAME, classes, cell_class``, see :func:`cytologia.classification.fullimage.image_table`) and its folder.
+    ``augment`` keys used: ``hue_saturation`` and ``strength`` (the bbox-aware ones need a cell box and are not)."""
+
+    def __init__(
+        self,
+        train: Sequence[CropSource],
+        val: CropSource,
+        label_names: Sequence[str],
+        img_size: int,
+        *,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        augment: dict[str, Any] | None = None,
+        cache: str = "none",
+    ) -> None:
+        super().__init__(
+            train, val, label_names, img_size, margin=0, batch_size=batch_size, num_workers=num_workers,
+            augment=augment, cache=cache,
+        )  # fmt: skip
+
+    def _dataset(self, source: CropSource, train: bool) -> Dataset:
+        from cytologia.classification.fullimage import FullImageDataset, build_image_transforms
+
+        transform = build_image_transforms(
+            self.img_size, train, hue_saturation=bool(self.augment.get("hue_saturation", False)),
+            strength=str(self.augment.get("strength", "default")),
+        )  # fmt: skip
+        return FullImageDataset(
+            source.table, source.image_dir, self.label_names, self.img_size, transform=transform, cache=self.cache
+        )

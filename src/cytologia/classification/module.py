@@ -8,6 +8,14 @@ number over the whole fold.
 
 A model with a 24th "background" label is scored on the 23 cell classes: its prediction for a box is the best of
 the 23 class logits (every box of the challenge must get a class).
+
+Multi-label full-image model (``multilabel=True``, the 1st place's): batches carry a multi-hot ``target`` (B, K)
+-- what the loss (``bce`` or ``focal_multilabel``) and MixUp/CutMix use -- and a ``label`` that is the class of the
+image's only cell, -1 for images with several cells or none. The checkpoint metric ``val/macro_f1`` is then the
+macro-F1 of the argmax over the 23 class logits on the **single-cell** held-out images: the only images on which the
+ensemble blends this model in. ``val/mean_ap`` (macro average precision over the labels with a positive among the
+held-out images, :func:`mean_average_precision`) is logged beside it: it measures the whole multi-label ranking,
+multi-cell images included, without a threshold.
 """
 
 from __future__ import annotations
@@ -30,7 +38,9 @@ from cytologia.data.errors import CytologiaInputError
 from cytologia.data.schema import CLASSES
 from cytologia.metrics import macro_f1
 
-MONITOR = "val/macro_f1"  # the metric that picks the best checkpoint
+MONITOR = "val/macro_f1"  # the metric that picks the best checkpoint (single-cell images for a multi-label model)
+MEAN_AP = "val/mean_ap"  # multi-label models: macro average precision over the held-out images
+MULTILABEL_LOSSES: tuple[str, ...] = ("bce", "focal_multilabel")  # sigmoid losses: the ones a multi-hot target fits
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -114,6 +124,7 @@ class ClassifierModule(L.LightningModule):
         warmup_epochs: float = 1.0,
         min_lr_ratio: float = 0.01,
         mix: dict[str, float] | None = None,
+        multilabel: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -123,7 +134,14 @@ class ClassifierModule(L.LightningModule):
             model_name, self.num_classes, img_size=img_size, weights=weights, drop_path=drop_path,
             train_last_k=train_last_k,
         )  # fmt: skip
-        loss = dict(loss or {"name": "cross_entropy", "label_smoothing": 0.0, "gamma": 2.0, "alpha": None})
+        default_loss = "focal_multilabel" if multilabel else "cross_entropy"
+        loss = dict(loss or {"name": default_loss, "label_smoothing": 0.0, "gamma": 2.0, "alpha": None})
+        if multilabel and loss["name"] not in MULTILABEL_LOSSES:
+            raise CytologiaInputError(
+                f"loss {loss['name']!r} is a softmax loss: a multi-label model needs one of "
+                f"{', '.join(MULTILABEL_LOSSES)}"
+            )
+        self.multilabel = bool(multilabel)
         self.criterion = create_loss(
             loss["name"], self.num_classes, label_smoothing=loss.get("label_smoothing", 0.0),
             gamma=loss.get("gamma", 2.0), alpha=loss.get("alpha"),
@@ -134,6 +152,7 @@ class ClassifierModule(L.LightningModule):
         self._val_logits: list[torch.Tensor] = []
         self._val_labels: list[torch.Tensor] = []
         self._val_index: list[torch.Tensor] = []
+        self._val_targets: list[torch.Tensor] = []
 
     # ----------------------------------------------------------------------------------------------------- steps
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -147,7 +166,7 @@ class ClassifierModule(L.LightningModule):
         return mixup_cutmix(images, labels, self.num_classes, alpha_mixup=mixup, alpha_cutmix=cutmix, prob=prob)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, targets = self._mixed(batch["image"], batch["label"])
+        images, targets = self._mixed(batch["image"], batch["target" if self.multilabel else "label"])
         logits = self(images)
         loss = self.criterion(logits.float(), targets)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
@@ -156,33 +175,41 @@ class ClassifierModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits = self(batch["image"]).float()
         labels = batch["label"]
-        known = labels >= 0
-        if known.any():
-            loss = nn.functional.cross_entropy(logits[known], labels[known])
-            self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=int(known.sum()))
+        if self.multilabel:
+            loss = self.criterion(logits, batch["target"])
+            self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=logits.shape[0])
+            self._val_targets.append(batch["target"].detach())
+        else:
+            known = labels >= 0
+            if known.any():
+                loss = nn.functional.cross_entropy(logits[known], labels[known])
+                self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=int(known.sum()))
         self._val_logits.append(logits.detach())
         self._val_labels.append(labels.detach())
         self._val_index.append(batch["index"].detach())
 
     def on_validation_epoch_start(self) -> None:
-        self._val_logits, self._val_labels, self._val_index = [], [], []
+        self._val_logits, self._val_labels, self._val_index, self._val_targets = [], [], [], []
 
     def on_validation_epoch_end(self) -> None:
         if not self._val_logits:
             return
-        logits, labels, index = torch.cat(self._val_logits), torch.cat(self._val_labels), torch.cat(self._val_index)
-        self._val_logits, self._val_labels, self._val_index = [], [], []
+        gathered = [torch.cat(self._val_logits), torch.cat(self._val_labels), torch.cat(self._val_index)]
+        if self.multilabel:
+            gathered.append(torch.cat(self._val_targets))
+        self._val_logits, self._val_labels, self._val_index, self._val_targets = [], [], [], []
         if self.trainer.world_size > 1:  # equal shard sizes: the distributed sampler pads with repeated samples
-            logits, labels, index = (self.all_gather(t).flatten(0, 1) for t in (logits, labels, index))
-        index_np = index.cpu().numpy()
-        _, first = np.unique(index_np, return_index=True)
+            gathered = [self.all_gather(t).flatten(0, 1) for t in gathered]
+        _, first = np.unique(gathered[2].cpu().numpy(), return_index=True)
         if self.trainer.sanity_checking:
             return
-        logits_np, labels_np = logits.cpu().numpy()[first], labels.cpu().numpy()[first]
+        logits_np, labels_np = gathered[0].cpu().numpy()[first], gathered[1].cpu().numpy()[first]
         f1, acc = score_logits(logits_np, labels_np, self.label_names, self.n_cell_classes)
         # Every rank holds the same gathered numbers, so averaging them across ranks changes nothing.
         self.log(MONITOR, f1, prog_bar=True, sync_dist=True)
         self.log("val/accuracy", acc, sync_dist=True)
+        if self.multilabel:
+            self.log(MEAN_AP, mean_average_precision(logits_np, gathered[3].cpu().numpy()[first]), sync_dist=True)
 
     # ---------------------------------------------------------------------------------------------- optimization
     def configure_optimizers(self) -> dict[str, Any]:
@@ -234,6 +261,37 @@ def score_logits(
     true = labels[known]
     f1 = macro_f1(names[true], names[pred])[0]
     return float(f1), float((pred == true).mean())
+
+
+def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Average precision of one label (scikit-learn's ``average_precision_score``): ``sum_n (R_n - R_{n-1}) P_n`` over
+    the distinct score thresholds, highest first (tied scores form one threshold); NaN without a positive."""
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    positive = np.asarray(positive, dtype=bool).reshape(-1)
+    if len(scores) != len(positive):
+        raise ValueError(f"{len(scores)} scores for {len(positive)} targets")
+    n_pos = int(positive.sum())
+    if n_pos == 0:
+        return float("nan")
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], positive[order]
+    last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]  # the last row of every tie group
+    tp = np.cumsum(y)[last].astype(np.float64)
+    precision = tp / (last + 1)
+    recall = tp / n_pos
+    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+
+def mean_average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Macro mean of :func:`average_precision` over the label columns of ``targets`` (n, K; positive where > 0.5)
+    that hold at least one positive; 0 when none does. ``scores`` (n, K) are logits or probabilities (any monotone
+    transform gives the same value)."""
+    scores, targets = np.asarray(scores), np.asarray(targets)
+    if scores.shape != targets.shape or scores.ndim != 2:
+        raise ValueError(f"scores {scores.shape} and targets {targets.shape}: need the same (n, K) shape")
+    values = [average_precision(scores[:, k], targets[:, k] > 0.5) for k in range(scores.shape[1])]
+    present = [v for v in values if not np.isnan(v)]
+    return float(np.mean(present)) if present else 0.0
 
 
 @torch.inference_mode()

@@ -11,6 +11,17 @@ One row per (box, model)::
     logit_0 .. logit_{K-1}  float32  raw (pre-softmax) scores; column i is label i of
                      :func:`cytologia.data.schema.labels` (K = 23, or 24 with "background" last)
 
+Multi-label full-image members
+------------------------------
+The multi-label model (``classifier.multilabel=true``) classifies whole images, not boxes. Its table has the same
+columns and still **one row per box** (the same boxes -- and ``box_id`` -- as a crop model of the same run would
+have: ground-truth boxes, or the detected boxes of ``classifier.boxes``): every box of an image carries that image's
+logits, repeated. Its ``model`` names start with :data:`MULTILABEL_PREFIX` ``"ml:"`` (``ml:<exp>`` and
+``ml:<exp>+hflip``; :func:`multilabel_model_name`, :func:`is_multilabel_model`, :func:`member_kind`), which is
+what marks it: the ensemble must not average it with the crop members but blend its per-class sigmoids in on
+single-cell images only. Its logits are sigmoid scores (one independent logit per label), not softmax ones.
+:func:`validate_oof` checks that every row of one image of such a model holds the same logits.
+
 Format: CSV (the default, ``.csv``) written with 9 significant digits, which round-trips float32 exactly; Parquet
 (``.parquet``) when pyarrow is installed -- a fold of the real set is ~13,000 rows x 24 floats, ~3 MB of CSV, so
 CSV is no burden and needs no extra dependency. Files are written atomically (temporary file, then rename).
@@ -31,6 +42,8 @@ from cytologia.data.schema import BACKGROUND, CLASSES, labels
 
 KEY_COLUMNS: tuple[str, ...] = ("NAME", "box_id", "fold", "model")
 FILE_NAME = "oof_logits.csv"  # per fold folder, and the concatenation of all folds in the run folder
+MULTILABEL_PREFIX = "ml:"  # model names of a multi-label full-image member start with this
+KINDS: tuple[str, ...] = ("cell", "multilabel")  # what member_kind returns
 _LOGIT = re.compile(r"^logit_(\d+)$")
 _FLOAT_FORMAT = "%.9g"  # 9 significant digits: every float32 survives the text round trip bit for bit
 
@@ -49,6 +62,21 @@ def labels_for(num_labels: int) -> tuple[str, ...]:
     raise CytologiaInputError(
         f"{num_labels} logit columns: expected {len(CLASSES)} (classes) or {len(CLASSES) + 1} (+ {BACKGROUND})"
     )
+
+
+def multilabel_model_name(name: str) -> str:
+    """The OOF ``model`` name of a multi-label full-image model: ``name`` with the ``"ml:"`` prefix (once)."""
+    return name if name.startswith(MULTILABEL_PREFIX) else MULTILABEL_PREFIX + name
+
+
+def is_multilabel_model(model: str) -> bool:
+    """Whether an OOF ``model`` name is a multi-label full-image member (its name starts with ``"ml:"``)."""
+    return str(model).startswith(MULTILABEL_PREFIX)
+
+
+def member_kind(model: str) -> str:
+    """``"multilabel"`` for a multi-label full-image member's ``model`` name, ``"cell"`` for a crop model's."""
+    return KINDS[1] if is_multilabel_model(model) else KINDS[0]
 
 
 def make_oof_table(
@@ -107,9 +135,26 @@ def validate_oof(table: pd.DataFrame, source: str | Path = "<oof logits>") -> pd
     for i in np.flatnonzero(dup)[:20]:
         key = f"({out['NAME'].iat[i]}, {out['box_id'].iat[i]}, {out['model'].iat[i]})"
         problems.append((int(i) + 1, f"repeats (NAME, box_id, model) = {key}"))
+    problems += _image_logits_differ(out, logits)
     if problems:
         raise ValidationError(source, sorted(problems, key=lambda p: p[0] or 0))
     return pd.concat([out, pd.DataFrame(logits, columns=cols, index=out.index)], axis=1)
+
+
+def _image_logits_differ(keys: pd.DataFrame, logits: np.ndarray) -> list[tuple[int | None, str]]:
+    """Rows of a multi-label member whose logits differ from those of the first row of the same image and model."""
+    ml = np.flatnonzero(keys["model"].str.startswith(MULTILABEL_PREFIX).to_numpy())
+    if not len(ml):
+        return []
+    group = keys.iloc[ml].groupby(["model", "NAME"], sort=False).ngroup().to_numpy()
+    _, first = np.unique(group, return_index=True)
+    reference = logits[ml[first]][group]  # ngroup numbers the groups 0..G-1
+    # Bit-for-bit (NaN-safe): the stage writes one vector per image; non-finite rows are reported on their own.
+    same = (logits[ml] == reference) | (np.isnan(logits[ml]) & np.isnan(reference))
+    bad = ml[~same.all(axis=1)]
+    return [(int(i) + 1, f"multi-label model {keys['model'].iat[i]}: logits differ from another box of "
+             f"{keys['NAME'].iat[i]} (a full-image model gives every box of an image the same logits)")
+            for i in bad[:20]]  # fmt: skip
 
 
 def write_oof(table: pd.DataFrame, path: str | Path) -> Path:

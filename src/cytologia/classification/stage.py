@@ -22,6 +22,18 @@ start. Without ``trainer.resume`` a fold folder that already holds checkpoints i
 
 Under DDP (``trainer.strategy=ddp``) the engine starts one process per device that re-runs the whole command; the
 data and folds exist by then, and only rank 0 writes outputs.
+
+Multi-label full-image model (``classifier.multilabel=true``, experiment ``ml_effnetv2m512_bg``): the same folds,
+engine, checkpoints and files, but one item per *image* (:mod:`cytologia.classification.fullimage`: the whole image
+letterboxed to ``img_size``, a multi-hot target of the classes of its ground-truth boxes) and a sigmoid loss
+(``bce`` or ``focal_multilabel``). With ``classifier.background`` (which needs ``classifier.background_table``) the
+background images of the table's training folds join training with the 24th label "background" as their only
+positive; without it the model has the 23 class labels only. The held-out fold's annotated images are validated:
+``val/macro_f1`` (the checkpoint metric) is the macro-F1 of the argmax over the 23 classes on the single-cell images,
+``val/mean_ap`` the macro average precision over all of them. Its ``oof_logits.csv`` holds one row per held-out box
+(ground-truth boxes, or those of ``classifier.boxes``) with its image's logits, under the model names
+``ml:<exp>`` / ``ml:<exp>+hflip`` (see :mod:`cytologia.classification.oof`); ``result.json`` says ``kind:
+multilabel``, ``n_train`` / ``n_val`` count images there.
 """
 
 from __future__ import annotations
@@ -29,7 +41,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,24 +54,25 @@ from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
-from cytologia.classification.datamodule import CropDataModule, CropSource
+from cytologia.classification.datamodule import CropDataModule, CropSource, FullImageDataModule
 from cytologia.classification.module import (
+    MULTILABEL_LOSSES,
     ClassifierModule,
     checkpoint_callbacks,
     load_checkpoint,
+    mean_average_precision,
     predict_logits,
     resolve_precision,
     score_logits,
 )
 from cytologia.classification.oof import FILE_NAME as OOF_FILE
-from cytologia.classification.oof import logits_of, make_oof_table, read_oof, write_oof
+from cytologia.classification.oof import logits_of, make_oof_table, multilabel_model_name, read_oof, write_oof
 from cytologia.data.errors import CytologiaInputError, ValidationError
+from cytologia.data.prepare import ensure_data, ensure_folds, read_train, write_text_atomic
 from cytologia.data.schema import BACKGROUND, BOX_COLUMNS, CLASSES, labels
 
 log = logging.getLogger(__name__)
 
-FOLDS_FILE = "folds.csv"
-FOLDS_REPORT = "folds_report.json"
 RESULT_FILE = "result.json"
 
 
@@ -77,119 +89,16 @@ class FoldResult:
     oof_accuracy: float
     epochs: int  # epochs finished
     global_step: int  # optimizer steps
-    n_train: int  # training crops
-    n_val: int  # held-out crops (rows of the OOF table per model)
+    n_train: int  # training crops (multi-label model: training images, background images included)
+    n_val: int  # held-out crops = rows of the OOF table per model (multi-label model: held-out images)
     train_seconds: float  # wall time of this (re)start's fit, validation included
     ms_per_step: float | None  # mean training batch time (forward, backward, optimizer), first batches excluded
     resumed_from: str | None
+    kind: str = "cell"  # "cell": a crop model; "multilabel": the full-image multi-label model
+    oof_mean_ap: float | None = None  # multi-label model: macro average precision over the held-out images
 
 
 # ------------------------------------------------------------------------------------------------------- data
-def ensure_data(cfg: DictConfig) -> Path:
-    """The data folder, holding ``train.csv`` and ``images/``; a synthetic set is generated there when configured
-    and absent."""
-    root = Path(cfg.data.root)
-    train_csv = root / "train.csv"
-    if not train_csv.is_file():
-        if not cfg.data.synthetic:
-            raise CytologiaInputError(
-                f"{train_csv}: no such file (data.root={cfg.data.root}); place the Cytologia data there "
-                "(train.csv + images/) or use data=synthetic"
-            )
-        if cfg.data.n_images < 1:
-            raise CytologiaInputError(f"config key data.n_images={cfg.data.n_images} must be >= 1 to generate data")
-        from cytologia.data.synthetic.generate import generate
-
-        workers = max(1, min(4, (os.cpu_count() or 1)))
-        log.info("generating %d synthetic images into %s (seed %d)", cfg.data.n_images, root, cfg.data.synth_seed)
-        generate(root, cfg.data.n_images, seed=cfg.data.synth_seed, workers=workers)
-    if not (root / "images").is_dir():
-        raise CytologiaInputError(f"{root / 'images'}: no such folder (the images of {train_csv})")
-    return root
-
-
-def read_train(cfg: DictConfig, root: Path) -> pd.DataFrame:
-    """The validated annotations table of ``root/train.csv`` (lenient per ``data.lenient``; the report is logged)."""
-    from cytologia.data.io import read_annotations
-
-    table, report = read_annotations(root / "train.csv", root / "images", lenient=cfg.data.lenient)
-    log.info("%s", report.summary())
-    if table.empty:
-        raise CytologiaInputError(f"{root / 'train.csv'}: no usable box left after validation")
-    return table
-
-
-def read_folds(path: Path) -> pd.DataFrame:
-    """A ``NAME,fold`` table; bad rows raise :class:`ValidationError` naming the file and rows."""
-    raw = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in ("NAME", "fold") if c not in raw.columns]
-    if missing:
-        raise ValidationError(path, [(None, f"missing column(s) {', '.join(missing)}")])
-    fold = pd.to_numeric(raw["fold"], errors="coerce")
-    bad = np.flatnonzero(fold.isna().to_numpy() | (fold < 0).to_numpy() | (fold != fold.round()).to_numpy())
-    dup = np.flatnonzero(raw["NAME"].duplicated().to_numpy())
-    problems = [(int(i) + 1, f"fold={raw['fold'].iat[i]!r} is not a non-negative integer") for i in bad[:20]]
-    problems += [(int(i) + 1, f"NAME {raw['NAME'].iat[i]} repeats") for i in dup[:20]]
-    if problems:
-        raise ValidationError(path, problems, total=len(bad) + len(dup))
-    return pd.DataFrame({"NAME": raw["NAME"], "fold": fold.astype(np.int64)})
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write a file atomically (temporary file, then rename): a killed run never leaves half a table."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def ensure_folds(cfg: DictConfig, table: pd.DataFrame, root: Path) -> pd.DataFrame:
-    """``root/folds.csv`` when it exists (checked against the config and the table), else made and written."""
-    path = root / FOLDS_FILE
-    k = int(cfg.folds.k)
-    if path.is_file():
-        folds = read_folds(path)
-        report_path = root / FOLDS_REPORT
-        if report_path.is_file():
-            made = json.loads(report_path.read_text())
-            wanted = {"k": k, "seed": int(cfg.folds.seed), "mode": str(cfg.folds.mode)}
-            differ = {key: made.get(key) for key in wanted if made.get(key) != wanted[key]}
-            if differ:
-                raise CytologiaInputError(
-                    f"{path} was made with {differ} but the config asks for {wanted}: delete {path} (and "
-                    f"{report_path}) to remake the folds, or change the folds config"
-                )
-        found = sorted(set(folds["fold"].tolist()))
-        if found != list(range(k)):
-            raise CytologiaInputError(f"{path} holds folds {found}, the config asks for folds.k={k}")
-    else:
-        from cytologia.data.folds import make_folds
-
-        dup_groups = None
-        try:
-            from cytologia.data.hygiene import find_duplicates
-
-            names = list(pd.unique(table["NAME"]))
-            dups = find_duplicates(root / "images", names, near_threshold=cfg.folds.near_threshold)
-            dup_groups = dups.set_index("NAME")["dup_group"]
-        except ModuleNotFoundError as err:  # hygiene is optional for folds: without it duplicates are not grouped
-            log.warning("duplicate images not grouped for the folds: %s", err)
-        folds, report = make_folds(
-            table, k=k, seed=int(cfg.folds.seed), mode=str(cfg.folds.mode), image_dir=root / "images",
-            dup_groups=dup_groups,
-        )  # fmt: skip
-        _write_text(root / FOLDS_REPORT, json.dumps(report.to_dict(), indent=1, default=str) + "\n")
-        _write_text(path, folds.to_csv(index=False))  # last: folds.csv present means its report is too
-        log.info("%s\nwrote %s", report.summary(), path)
-    lost = ~table["NAME"].isin(folds["NAME"])
-    if lost.any():
-        first = ", ".join(table.loc[lost, "NAME"].astype(str).unique()[:5])
-        raise CytologiaInputError(
-            f"{path}: {int(lost.sum())} box(es) of train.csv belong to images without a fold (e.g. {first}); the "
-            f"folds are stale: delete {path} to remake them"
-        )
-    return folds
-
-
 def read_box_table(path: Path, key: str, extra: tuple[str, ...] = ()) -> pd.DataFrame:
     """A ``NAME,x1,y1,x2,y2`` (+ ``extra``) CSV read as text, coordinates made float, ``box_id`` = 0-based row;
     missing columns and coordinates that are not finite numbers raise :class:`ValidationError` naming the rows."""
@@ -269,11 +178,11 @@ def label_index(boxes: pd.DataFrame, label_names: list[str]) -> np.ndarray:
 def check_supported(cfg: DictConfig) -> None:
     """Refuse configurations this stage cannot train yet, with the reason (never silently something else)."""
     c = cfg.classifier
-    if c.multilabel:
+    if c.multilabel and c.loss.name not in MULTILABEL_LOSSES:
         raise CytologiaInputError(
-            "classifier.multilabel=true (the full-image multi-label model of the ml_* experiments) is not implemented "
-            "yet: its dataset (whole images with 24-label presence targets) and blend rule are issue #5/#6 follow-ups; "
-            "nothing was trained"
+            f"classifier.multilabel=true needs a sigmoid loss (classifier.loss.name one of "
+            f"{', '.join(MULTILABEL_LOSSES)}), not {c.loss.name!r}: a softmax over a multi-hot target is not a "
+            "distribution; nothing was trained"
         )
     if c.background and c.background_table is None:
         raise CytologiaInputError(
@@ -301,7 +210,9 @@ def _accelerator(name: str) -> str:
 def _check_resumable(ckpt: Path, hparams: dict[str, Any]) -> None:
     """A checkpoint resumes only into the same architecture and label set."""
     saved = load_checkpoint(ckpt).get("hyper_parameters", {})
-    differ = [k for k in ("model_name", "label_names", "img_size") if saved.get(k) != hparams[k]]
+    defaults = {"multilabel": False}  # checkpoints of crop models written before the multi-label option
+    keys = ("model_name", "label_names", "img_size", "multilabel")
+    differ = [k for k in keys if saved.get(k, defaults.get(k)) != hparams.get(k, defaults.get(k))]
     if differ:
         detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs config {hparams[k]!r}" for k in differ)
         raise CytologiaInputError(f"{ckpt} cannot be resumed with this config ({detail})")
@@ -356,59 +267,58 @@ def _merge_metrics(fold_dir: Path) -> None:
         pd.concat(parts, ignore_index=True).to_csv(fold_dir / "metrics.csv", index=False)
 
 
-def train_fold(
-    cfg: DictConfig,
-    boxes: pd.DataFrame,
-    fold: int,
-    fold_dir: Path,
-    image_dir: Path,
-    label_names: list[str],
-    callbacks: list[Any] | None = None,
-    background: CropSource | None = None,
-) -> FoldResult | None:
-    """Train on every fold but ``fold``, validate on ``fold``, write the fold's outputs (rank 0 only; other DDP
-    ranks return None). ``background``: extra training crops (their folds other than ``fold``). ``callbacks``:
-    extra Lightning callbacks (tests)."""
-    t, c = cfg.trainer, cfg.classifier
-    fold_dir = Path(fold_dir)
+def _finished_fold(cfg: DictConfig, fold: int, fold_dir: Path) -> FoldResult | None:
+    """The fold's result when it was already trained for ``trainer.max_epochs`` and ``trainer.resume`` is on; an error
+    when its folder holds checkpoints and ``trainer.resume`` is off; else None (train it)."""
     result_path = fold_dir / RESULT_FILE
-    last = fold_dir / "checkpoints" / "last.ckpt"
     if result_path.is_file() and cfg.trainer.resume:
         done = json.loads(result_path.read_text())
-        if done["epochs"] >= t.max_epochs:
+        if done["epochs"] >= cfg.trainer.max_epochs:
             log.info("fold %d: already trained for %d epochs in %s, kept", fold, done["epochs"], fold_dir)
             return FoldResult(**done)
-    if last.is_file() and not t.resume:
+    if (fold_dir / "checkpoints" / "last.ckpt").is_file() and not cfg.trainer.resume:
         raise CytologiaInputError(
             f"{fold_dir} already holds checkpoints: set trainer.resume=true to continue them, or use a new run folder"
         )
+    return None
 
-    L.seed_everything(int(cfg.seed) + fold, workers=True, verbose=False)
-    known = label_index(boxes, label_names) >= 0
-    in_fold = (boxes["fold"] == fold).to_numpy()
-    train_table = boxes[~in_fold & known].reset_index(drop=True)
-    val_table = boxes[in_fold].reset_index(drop=True)
-    if (~in_fold & ~known).any():
-        log.warning("fold %d: %d training box(es) without a known label left out", fold, int((~in_fold & ~known).sum()))
-    if train_table.empty or val_table.empty:
-        raise CytologiaInputError(f"fold {fold}: {len(train_table)} training and {len(val_table)} held-out boxes")
 
-    augment = OmegaConf.to_container(c.augment, resolve=True)
-    sources = [CropSource(train_table, image_dir)]
-    if background is not None:
-        bg = background.table[background.table["fold"] != fold].reset_index(drop=True)
-        sources.append(CropSource(bg, background.image_dir))
-        log.info("fold %d: %d background crops added to training", fold, len(bg))
-    data = CropDataModule(
-        sources, CropSource(val_table, image_dir), label_names, c.img_size,
-        margin=c.margin, batch_size=t.batch_size, num_workers=t.num_workers, augment=augment, cache=c.cache,
-    )  # fmt: skip
-    module = ClassifierModule(
+def _module(cfg: DictConfig, label_names: list[str], augment: dict[str, Any]) -> ClassifierModule:
+    """The LightningModule of the configured classifier (crop or multi-label)."""
+    t, c = cfg.trainer, cfg.classifier
+    return ClassifierModule(
         c.name, label_names, c.img_size, weights=c.weights, drop_path=c.drop_path, train_last_k=c.train_last_k,
         loss=OmegaConf.to_container(c.loss, resolve=True), lr=t.lr, weight_decay=t.weight_decay,
         warmup_epochs=t.warmup_epochs, min_lr_ratio=t.min_lr_ratio,
-        mix={k: augment[k] for k in ("mix_prob", "mixup_alpha", "cutmix_alpha")},
+        mix={k: augment[k] for k in ("mix_prob", "mixup_alpha", "cutmix_alpha")}, multilabel=c.multilabel,
     )  # fmt: skip
+
+
+@dataclass
+class _Fit:
+    """What :func:`_fit` leaves for the fold's outputs (rank 0)."""
+
+    trainer: L.Trainer
+    best: Path  # the checkpoint whose weights the module now holds
+    best_score: float | None
+    timer: StepTimer
+    seconds: float
+    precision: str
+    resume_from: str | None
+
+
+def _fit(
+    cfg: DictConfig,
+    module: ClassifierModule,
+    data: L.LightningDataModule,
+    fold: int,
+    fold_dir: Path,
+    callbacks: list[Any] | None,
+) -> _Fit | None:
+    """Fit ``module`` on ``data`` with the configured engine (resuming from ``last.ckpt`` when present), then load the
+    best checkpoint's weights into it. None on DDP ranks other than 0."""
+    t = cfg.trainer
+    last = fold_dir / "checkpoints" / "last.ckpt"
     resume_from = None
     if last.is_file():
         _check_resumable(last, dict(module.hparams))
@@ -443,12 +353,76 @@ def train_fold(
     seconds = time.perf_counter() - start
     if trainer.global_rank != 0:
         return None
-
     best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else last
     module.load_state_dict(load_checkpoint(best)["state_dict"])
-    device = trainer.strategy.root_device
+    score = checkpoint.best_model_score
+    return _Fit(trainer, best, None if score is None else float(score), timer, seconds, precision, resume_from)
+
+
+def _fold_result(
+    fit: _Fit, fold: int, fold_dir: Path, f1: float, acc: float, n_train: int, n_val: int, **extra: Any
+) -> FoldResult:
+    """The fold's :class:`FoldResult`, written to ``result.json`` (with the merged metrics)."""
+    _merge_metrics(fold_dir)
+    result = FoldResult(
+        fold=fold, fold_dir=str(fold_dir), best_checkpoint=str(fit.best),
+        last_checkpoint=str(fold_dir / "checkpoints" / "last.ckpt"), best_val_macro_f1=fit.best_score,
+        oof_macro_f1=f1, oof_accuracy=acc, epochs=int(fit.trainer.current_epoch),
+        global_step=int(fit.trainer.global_step), n_train=n_train, n_val=n_val, train_seconds=round(fit.seconds, 3),
+        ms_per_step=fit.timer.ms_per_step, resumed_from=fit.resume_from, **extra,
+    )  # fmt: skip
+    write_text_atomic(fold_dir / RESULT_FILE, json.dumps(asdict(result), indent=1) + "\n")
+    log.info("fold %d: best val macro-F1 %s, OOF macro-F1 %.4f (%s)", fold, result.best_val_macro_f1, f1, fold_dir)
+    return result
+
+
+def train_fold(
+    cfg: DictConfig,
+    boxes: pd.DataFrame,
+    fold: int,
+    fold_dir: Path,
+    image_dir: Path,
+    label_names: list[str],
+    callbacks: list[Any] | None = None,
+    background: CropSource | None = None,
+) -> FoldResult | None:
+    """Train on every fold but ``fold``, validate on ``fold``, write the fold's outputs (rank 0 only; other DDP
+    ranks return None). ``background``: extra training crops (their folds other than ``fold``). ``callbacks``:
+    extra Lightning callbacks (tests)."""
+    t, c = cfg.trainer, cfg.classifier
+    fold_dir = Path(fold_dir)
+    done = _finished_fold(cfg, fold, fold_dir)
+    if done is not None:
+        return done
+
+    L.seed_everything(int(cfg.seed) + fold, workers=True, verbose=False)
+    known = label_index(boxes, label_names) >= 0
+    in_fold = (boxes["fold"] == fold).to_numpy()
+    train_table = boxes[~in_fold & known].reset_index(drop=True)
+    val_table = boxes[in_fold].reset_index(drop=True)
+    if (~in_fold & ~known).any():
+        log.warning("fold %d: %d training box(es) without a known label left out", fold, int((~in_fold & ~known).sum()))
+    if train_table.empty or val_table.empty:
+        raise CytologiaInputError(f"fold {fold}: {len(train_table)} training and {len(val_table)} held-out boxes")
+
+    augment = OmegaConf.to_container(c.augment, resolve=True)
+    sources = [CropSource(train_table, image_dir)]
+    if background is not None:
+        bg = background.table[background.table["fold"] != fold].reset_index(drop=True)
+        sources.append(CropSource(bg, background.image_dir))
+        log.info("fold %d: %d background crops added to training", fold, len(bg))
+    data = CropDataModule(
+        sources, CropSource(val_table, image_dir), label_names, c.img_size,
+        margin=c.margin, batch_size=t.batch_size, num_workers=t.num_workers, augment=augment, cache=c.cache,
+    )  # fmt: skip
+    module = _module(cfg, label_names, augment)
+    fit = _fit(cfg, module, data, fold, fold_dir, callbacks)
+    if fit is None:
+        return None
+
+    device = fit.trainer.strategy.root_device
     plain, flipped, index = predict_logits(
-        module.model, data.predict_loader(), device, hflip=cfg.ensemble.tta_flip, precision=precision
+        module.model, data.predict_loader(), device, hflip=cfg.ensemble.tta_flip, precision=fit.precision
     )
     if not np.array_equal(index, np.arange(len(val_table))):
         raise RuntimeError(f"fold {fold}: the prediction loader returned {len(index)} rows out of table order")
@@ -458,18 +432,82 @@ def train_fold(
         tables.append(make_oof_table(names, box_ids, fold, f"{cfg.exp_name}+hflip", (plain + flipped) / 2))
     write_oof(pd.concat(tables, ignore_index=True), fold_dir / OOF_FILE)
     f1, acc = score_logits(plain, label_index(val_table, label_names), label_names, module.n_cell_classes)
-    _merge_metrics(fold_dir)
-    best_score = checkpoint.best_model_score
-    result = FoldResult(
-        fold=fold, fold_dir=str(fold_dir), best_checkpoint=str(best), last_checkpoint=str(last),
-        best_val_macro_f1=None if best_score is None else float(best_score), oof_macro_f1=f1, oof_accuracy=acc,
-        epochs=int(trainer.current_epoch), global_step=int(trainer.global_step), n_train=len(train_table),
-        n_val=len(val_table), train_seconds=round(seconds, 3), ms_per_step=timer.ms_per_step,
-        resumed_from=resume_from,
+    return _fold_result(fit, fold, fold_dir, f1, acc, n_train=len(train_table), n_val=len(val_table))
+
+
+def train_fold_multilabel(
+    cfg: DictConfig,
+    images: pd.DataFrame,
+    boxes: pd.DataFrame,
+    fold: int,
+    fold_dir: Path,
+    image_dir: Path,
+    label_names: list[str],
+    callbacks: list[Any] | None = None,
+    background: CropSource | None = None,
+) -> FoldResult | None:
+    """The multi-label full-image model of one fold: train on the images of every fold but ``fold``, validate on the
+    images of ``fold``, write the fold's outputs (rank 0 only; other DDP ranks return None).
+
+    ``images``: the image table of the annotated images (:func:`cytologia.classification.fullimage.image_table`);
+    ``boxes``: the boxes the OOF table gets a row for (:func:`crop_boxes`), each given its image's logits;
+    ``background``: background images (an image table with the label "background", their folds other than ``fold``
+    join training). ``callbacks``: extra Lightning callbacks (tests).
+    """
+    t, c = cfg.trainer, cfg.classifier
+    fold_dir = Path(fold_dir)
+    done = _finished_fold(cfg, fold, fold_dir)
+    if done is not None:
+        return done
+
+    L.seed_everything(int(cfg.seed) + fold, workers=True, verbose=False)
+    in_fold = (images["fold"] == fold).to_numpy()
+    train_images = images[~in_fold].reset_index(drop=True)
+    val_images = images[in_fold].reset_index(drop=True)
+    if train_images.empty or val_images.empty:
+        raise CytologiaInputError(f"fold {fold}: {len(train_images)} training and {len(val_images)} held-out images")
+    augment = OmegaConf.to_container(c.augment, resolve=True)
+    sources = [CropSource(train_images, image_dir)]
+    if background is not None:
+        bg = background.table[background.table["fold"] != fold].reset_index(drop=True)
+        sources.append(CropSource(bg, background.image_dir))
+        log.info("fold %d: %d background images added to training", fold, len(bg))
+    data = FullImageDataModule(
+        sources, CropSource(val_images, image_dir), label_names, c.img_size, batch_size=t.batch_size,
+        num_workers=t.num_workers, augment=augment, cache=c.cache,
     )  # fmt: skip
-    _write_text(result_path, json.dumps(asdict(result), indent=1) + "\n")
-    log.info("fold %d: best val macro-F1 %s, OOF macro-F1 %.4f (%s)", fold, result.best_val_macro_f1, f1, fold_dir)
-    return result
+    module = _module(cfg, label_names, augment)
+    fit = _fit(cfg, module, data, fold, fold_dir, callbacks)
+    if fit is None:
+        return None
+
+    device = fit.trainer.strategy.root_device
+    plain, flipped, index = predict_logits(
+        module.model, data.predict_loader(), device, hflip=cfg.ensemble.tta_flip, precision=fit.precision
+    )
+    if not np.array_equal(index, np.arange(len(val_images))):
+        raise RuntimeError(f"fold {fold}: the prediction loader returned {len(index)} rows out of table order")
+    # One OOF row per held-out box, carrying its image's logits.
+    held = boxes[boxes["fold"] == fold].reset_index(drop=True)
+    at = pd.Series(np.arange(len(val_images)), index=val_images["NAME"]).reindex(held["NAME"].astype(str)).to_numpy()
+    lost = np.isnan(at.astype(np.float64))
+    if lost.any():  # detected boxes on an image whose truth boxes were all dropped by validation: not an image here
+        log.warning("fold %d: %d box(es) on images without a ground-truth box get no logits", fold, int(lost.sum()))
+        held, at = held[~lost].reset_index(drop=True), at[~lost]
+    at = at.astype(np.int64)
+    model = multilabel_model_name(cfg.exp_name)
+    names, box_ids = held["NAME"].to_numpy(), held["box_id"].to_numpy()
+    tables = [make_oof_table(names, box_ids, fold, model, plain[at])]
+    if cfg.ensemble.tta_flip:
+        tables.append(make_oof_table(names, box_ids, fold, f"{model}+hflip", ((plain + flipped) / 2)[at]))
+    write_oof(pd.concat(tables, ignore_index=True), fold_dir / OOF_FILE)
+    val_set = data.val_set
+    f1, acc = score_logits(plain, val_set.cell_labels, label_names, module.n_cell_classes)  # type: ignore[union-attr]
+    mean_ap = mean_average_precision(plain, val_set.targets)  # type: ignore[union-attr]
+    return _fold_result(
+        fit, fold, fold_dir, f1, acc, n_train=sum(len(s.table) for s in sources), n_val=len(val_images),
+        kind="multilabel", oof_mean_ap=mean_ap,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------- the stage
@@ -484,33 +522,76 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, object]:
     boxes = crop_boxes(cfg, table, folds)
     label_names = list(labels(cfg.classifier.background))
     background = read_background(cfg)
+    images = None
+    if cfg.classifier.multilabel:
+        from cytologia.classification.fullimage import background_image_table, image_table
+
+        images = image_table(multilabel_truth(table, folds), str(root / "train.csv"))
+        if background is not None:
+            source = str(cfg.classifier.background_table)
+            background = CropSource(background_image_table(background.table, source), background.image_dir)
     to_train = [int(cfg.fold)] if cfg.fold is not None else list(range(int(cfg.folds.k)))
     results = []
     for fold in to_train:
-        result = train_fold(
-            cfg, boxes, fold, run_dir / f"fold_{fold}", root / "images", label_names, background=background
-        )
+        fold_dir = run_dir / f"fold_{fold}"
+        if images is None:
+            result = train_fold(cfg, boxes, fold, fold_dir, root / "images", label_names, background=background)
+        else:
+            result = train_fold_multilabel(
+                cfg, images, boxes, fold, fold_dir, root / "images", label_names, background=background
+            )
         if result is not None:
             results.append(result)
     if not results:  # a DDP rank > 0: rank 0 writes the summary
         return {"folds": to_train}
-    return summarize(cfg, run_dir, boxes, results, label_names)
+    return summarize(cfg, run_dir, boxes, results, label_names, images=images)
+
+
+def multilabel_truth(table: pd.DataFrame, folds: pd.DataFrame) -> pd.DataFrame:
+    """``NAME, class, fold`` of every ground-truth box: what the multi-label targets are made from (also when the
+    OOF rows are detected boxes)."""
+    fold_of = folds.set_index("NAME")["fold"]
+    return pd.DataFrame(
+        {
+            "NAME": table["NAME"].to_numpy(),
+            "class": table["class"].to_numpy(),
+            "fold": table["NAME"].map(fold_of).to_numpy(),
+        }
+    )
 
 
 def summarize(
-    cfg: DictConfig, run_dir: Path, boxes: pd.DataFrame, results: list[FoldResult], label_names: list[str]
+    cfg: DictConfig,
+    run_dir: Path,
+    boxes: pd.DataFrame,
+    results: list[FoldResult],
+    label_names: list[str],
+    images: pd.DataFrame | None = None,
 ) -> dict[str, object]:
-    """Concatenate the folds' OOF logits, score them together, write ``oof_logits.csv`` and ``summary.json``."""
+    """Concatenate the folds' OOF logits, score them together, write ``oof_logits.csv`` and ``summary.json``.
+
+    Crop models are scored on every OOF box against its class; the multi-label model (``images``: its image table)
+    once per image, on the single-cell images (argmax over the 23 classes against the class of the only box)."""
     oof = pd.concat([read_oof(Path(r.fold_dir) / OOF_FILE) for r in results], ignore_index=True)
     write_oof(oof, run_dir / OOF_FILE)
-    plain = oof[oof["model"] == cfg.exp_name]
-    truth = boxes.set_index(["NAME", "box_id"])["class"]
-    classes = truth.reindex(pd.MultiIndex.from_frame(plain[["NAME", "box_id"]])).fillna("")
+    if images is None:
+        model = cfg.exp_name
+        plain = oof[oof["model"] == model]
+        truth = boxes.set_index(["NAME", "box_id"])["class"]
+        classes = truth.reindex(pd.MultiIndex.from_frame(plain[["NAME", "box_id"]])).fillna("")
+        scored = plain
+    else:
+        model = multilabel_model_name(cfg.exp_name)
+        plain = oof[oof["model"] == model]
+        scored = plain.drop_duplicates("NAME")
+        classes = images.set_index("NAME")["cell_class"].reindex(scored["NAME"]).fillna("")
     y = label_index(pd.DataFrame({"class": classes.to_numpy()}), label_names)
-    f1, acc = score_logits(logits_of(plain), y, label_names, len(CLASSES))
+    f1, acc = score_logits(logits_of(scored), y, label_names, len(CLASSES))
     summary = {
         "exp_name": cfg.exp_name,
         "run_dir": str(run_dir),
+        "kind": "multilabel" if images is not None else "cell",
+        "oof_model": model,
         "folds_trained": [r.fold for r in results],
         "per_fold_macro_f1": {r.fold: r.oof_macro_f1 for r in results},
         "oof_macro_f1": f1,
@@ -518,6 +599,9 @@ def summarize(
         "n_oof_boxes": len(plain),
         "folds": [asdict(r) for r in results],
     }
-    _write_text(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+    if images is not None:
+        summary["n_scored_single_cell_images"] = int((y >= 0).sum())
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
     log.info("OOF macro-F1 over fold(s) %s: %.4f", summary["folds_trained"], f1)
-    return {k: summary[k] for k in ("folds_trained", "per_fold_macro_f1", "oof_macro_f1", "oof_accuracy")}
+    keys = ("kind", "oof_model", "folds_trained", "per_fold_macro_f1", "oof_macro_f1", "oof_accuracy")
+    return {k: summary[k] for k in keys}

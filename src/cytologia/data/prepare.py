@@ -74,7 +74,7 @@ def read_folds(path: Path) -> pd.DataFrame:
     return pd.DataFrame({"NAME": raw["NAME"], "fold": fold.astype(np.int64)})
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
     """Write a file atomically (temporary file, then rename): a killed run never leaves half a table."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
@@ -111,8 +111,8 @@ def ensure_folds(cfg: DictConfig, table: pd.DataFrame, root: Path) -> pd.DataFra
             table, k=k, seed=int(cfg.folds.seed), mode=str(cfg.folds.mode), image_dir=root / "images",
             dup_groups=dup_groups,
         )  # fmt: skip
-        _write_text(root / FOLDS_REPORT, json.dumps(report.to_dict(), indent=1, default=str) + "\n")
-        _write_text(path, folds.to_csv(index=False))  # last: folds.csv present means its report is too
+        write_text_atomic(root / FOLDS_REPORT, json.dumps(report.to_dict(), indent=1, default=str) + "\n")
+        write_text_atomic(path, folds.to_csv(index=False))  # last: folds.csv present means its report is too
         log.info("%s\nwrote %s", report.summary(), path)
     lost = ~table["NAME"].isin(folds["NAME"])
     if lost.any():
