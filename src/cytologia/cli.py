@@ -21,6 +21,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "weights": ("cytologia.commands.weights", "register and check local weight files (models/manifest.json)"),
     "export": ("cytologia.commands.export", "export a trained model to ONNX, verified against torch"),
     "clean": ("cytologia.commands.clean", "flag and remove noisy training boxes with out-of-fold detections"),
+    "tune": ("cytologia.commands.tune", "tune the classifier ensemble's weights on out-of-fold logits"),
+    "predict": ("cytologia.commands.predict", "detect, classify and write a validated submission (+ per-image output)"),
+    "single-stage": ("cytologia.commands.single_stage", "single-stage baseline: one 23-class YOLO, trained and scored"),
+    "report": ("cytologia.commands.report", "report folder: per-class F1, confusion, per-source F1, error gallery"),
     "bench": ("cytologia.commands.bench", "benchmarks (score, synth, folds, ...)"),
 }
 

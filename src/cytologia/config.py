@@ -130,6 +130,31 @@ class EnsembleConfig:
 
 
 @dataclass
+class SingleStageConfig:
+    enabled: bool = True
+    model: str = "yolo11n"
+    img_size: int = 256
+    epochs: int = 30
+    time_min: float = 3.0  # wall-clock budget of its training (ultralytics' `time`), minutes
+    batch_size: int = 16
+    train_args: dict = field(default_factory=dict)  # extra ultralytics train arguments (nbs, warmup_epochs, ...)
+
+
+@dataclass
+class PipelineConfig:
+    """The whole-pipeline run (stage: pipeline, see cytologia.pipeline)."""
+
+    # Each entry overrides keys of the `classifier` group for one ensemble member (name and img_size at least).
+    classifiers: list[dict] = field(default_factory=list)
+    clean: bool = True  # clean the training boxes with the detector's OOF boxes before training classifiers
+    cleaning_config: str | None = None  # settings YAML for `cytologia clean` (None: its built-in defaults)
+    clean_min_kept: float = 0.8  # below this share of boxes kept, cleaning is not applied (the detector is too weak)
+    n_background: int = 0  # cell-free images painted for classifiers with `background: true`
+    runtime: str = "onnx"  # predict with ONNX Runtime or torch
+    single_stage: SingleStageConfig = field(default_factory=SingleStageConfig)
+
+
+@dataclass
 class PathsConfig:
     data_dir: str = "data"
     output_dir: str = "outputs"
@@ -146,6 +171,7 @@ class TrainConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     exp_name: str = "default"
     stage: str = "classifier"
     fold: int | None = None

@@ -17,6 +17,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "score": ("cytologia.commands.bench_score", "vectorised challenge score vs the per-image loop, on the real table"),
     "synth": ("cytologia.data.synthetic.bench", "synthetic data generation speed"),
     "folds": ("cytologia.data.folds_bench", "fold assignment speed"),
+    "pipeline": ("cytologia.runtime.bench", "inference per stage (decode ... blend), ONNX Runtime vs torch"),
 }
 
 

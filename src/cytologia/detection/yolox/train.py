@@ -1,0 +1,493 @@
+"""Training a YOLOX on one held-out fold: data split, loop, schedule, EMA, multi-scale, checkpoint selection.
+
+The recipe of the YOLOX paper (section 2.1-2.2), scaled by the configuration:
+
+- optimizer: SGD with Nesterov momentum (or AdamW / Adam), weight decay on conv/linear weights only (not on batch
+  norm or biases);
+- learning rate per iteration: quadratic warm-up over ``warmup_epochs`` from ``warmup_lr``, cosine down to
+  ``min_lr_ratio * lr``, then constant ``min_lr_ratio * lr`` for the last ``no_aug_epochs`` epochs;
+- the last ``no_aug_epochs`` epochs train without mosaic/mixup (letterbox + flips + HSV) and, with ``l1_loss``, add
+  the L1 loss on raw box outputs;
+- EMA of the weights, decay ``ema_decay * (1 - exp(-updates / 2000))`` (so it follows the model closely early on);
+- multi-scale: every ``multiscale_every`` iterations the batch is resized (bilinear) to a random side in
+  ``img_size +- 32 * multiscale_range`` (a multiple of 32), targets scaled with it;
+- mixed precision on CUDA with ``amp`` (fp16 autocast + loss scaling); losses and assignment in fp32.
+
+Checkpoint selection: after every epoch the EMA weights predict the held-out fold exactly as the stage will (letterbox,
+NMS, boxes in each image's pixels) and are scored with the challenge's box term under the known-count rule
+(:func:`cytologia.detection.oof.known_count_giou`); the best epoch (the last one reaching the maximum) is
+``best.pt``. With ``time_limit_s`` the run is re-planned after each epoch so that it ends within the limit (fewer
+epochs, schedule compressed to fit), as ultralytics' ``time`` argument does.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import math
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from copy import deepcopy
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+import yaml
+
+from cytologia.data.errors import CytologiaInputError
+from cytologia.data.images import image_sizes, resolve_image
+from cytologia.data.schema import BOX_COLUMNS
+from cytologia.detection.oof import known_count_giou
+from cytologia.detection.registry import DetectionData, TrainResult, TrainSettings
+from cytologia.detection.yolox.assign import ASSIGN_MODES
+from cytologia.detection.yolox.augment import AugmentConfig, DetectionDataset, Sample, collate
+from cytologia.detection.yolox.checkpoint import save_checkpoint
+from cytologia.detection.yolox.infer import detect_images
+from cytologia.detection.yolox.losses import BOX_LOSSES, yolox_loss
+from cytologia.detection.yolox.model import YOLOX, YoloxInference
+
+log = logging.getLogger(__name__)
+
+KC_METRIC = "metrics/known_count_giou"  # the history key the stage reads (same as the ultralytics backend's)
+OPTIMIZERS: tuple[str, ...] = ("SGD", "AdamW", "Adam")
+EMA_TAU = 2000.0  # updates over which the EMA decay ramps up to ema_decay
+STRIDE = 32
+VAL_CONF = 0.001  # score floor when scoring the held-out fold: known-count keeps the top-N whatever their score
+VAL_MAX_DET = 50
+
+
+@dataclass
+class YoloxTrainArgs:
+    """YOLOX-specific training options (``detector.train_args``); augmentation keys are :class:`AugmentConfig`'s."""
+
+    box_loss: str = "giou"  # "giou" | "iou"
+    warmup_epochs: float = 3.0
+    warmup_lr: float = 0.0
+    min_lr_ratio: float = 0.05
+    no_aug_epochs: int = 5  # last epochs without mosaic/mixup, with the L1 loss when l1_loss
+    l1_loss: bool = True
+    weight_decay: float = 5e-4
+    momentum: float = 0.9  # SGD momentum (Nesterov); Adam(W) beta1
+    ema: bool = True
+    ema_decay: float = 0.9998
+    multiscale_range: int = 5  # +- steps of 32 px around img_size; 0: fixed size
+    multiscale_every: int = 10  # iterations between size changes
+    time_limit_s: float = 0.0  # > 0: re-plan the run to end within this many seconds
+    assign_mode: str = "center"  # SimOTA prior: "center" | "box_and_center" (the 0.3.0 release's), see yolox.assign
+    center_radius: float = 0.0  # SimOTA centre region in strides; 0: the mode's default (1.5 / 2.5)
+    val_batch: int = 0  # images per batch when scoring the held-out fold; 0: batch_size
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "augment"}
+        out.update({k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self.augment).items()})
+        return out
+
+
+def _coerce(value: Any, default: Any, key: str) -> Any:
+    """``value`` converted to the type of ``default`` (bool, int, float, str, tuple of floats); errors name the key."""
+    try:
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise TypeError("expected true or false")
+            return value
+        if isinstance(default, tuple):
+            seq = tuple(float(v) for v in value)
+            if len(seq) != len(default):
+                raise ValueError(f"expected {len(default)} numbers")
+            return seq
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError("expected an integer")
+            return int(value)
+        return type(default)(value)
+    except (TypeError, ValueError) as err:
+        raise CytologiaInputError(f"config key detector.train_args.{key}={value!r}: {err}") from None
+
+
+def parse_train_args(extra: Mapping[str, Any]) -> YoloxTrainArgs:
+    """``detector.train_args`` as :class:`YoloxTrainArgs`; an unknown key or a bad value is an error naming it."""
+    args, aug = YoloxTrainArgs(), AugmentConfig()
+    own = {f.name for f in fields(YoloxTrainArgs)} - {"augment"}
+    aug_keys = {f.name for f in fields(AugmentConfig)}
+    for key, value in dict(extra).items():
+        if key in own:
+            setattr(args, key, _coerce(value, getattr(args, key), key))
+        elif key in aug_keys:
+            setattr(aug, key, _coerce(value, getattr(aug, key), key))
+        else:
+            import difflib
+
+            near = difflib.get_close_matches(key, sorted(own | aug_keys), n=3)
+            hint = f" (closest: {', '.join(near)})" if near else ""
+            raise CytologiaInputError(
+                f"config key detector.train_args.{key} is not a YOLOX training option{hint}; options: "
+                + ", ".join(sorted(own | aug_keys))
+            )
+    args.augment = aug
+    if args.box_loss not in BOX_LOSSES:
+        raise CytologiaInputError(f"detector.train_args.box_loss={args.box_loss!r}: choose one of {BOX_LOSSES}")
+    if args.assign_mode not in ASSIGN_MODES:
+        raise CytologiaInputError(f"detector.train_args.assign_mode={args.assign_mode!r}: choose one of {ASSIGN_MODES}")
+    for key in ("mosaic_prob", "mixup_prob", "flip_lr", "flip_ud", "hsv_prob"):
+        if not 0.0 <= getattr(aug, key) <= 1.0:
+            raise CytologiaInputError(f"detector.train_args.{key}={getattr(aug, key)} must be in [0, 1]")
+    nonneg = ("warmup_epochs", "no_aug_epochs", "weight_decay", "multiscale_range", "time_limit_s", "val_batch",
+              "center_radius")  # fmt: skip
+    for key in nonneg:
+        if getattr(args, key) < 0:
+            raise CytologiaInputError(f"detector.train_args.{key}={getattr(args, key)} must be >= 0")
+    if not 0.0 < args.ema_decay < 1.0 or not 0.0 < args.min_lr_ratio <= 1.0 or args.multiscale_every < 1:
+        raise CytologiaInputError(
+            "detector.train_args: ema_decay must be in (0, 1), min_lr_ratio in (0, 1], multiscale_every >= 1 "
+            f"(got {args.ema_decay}, {args.min_lr_ratio}, {args.multiscale_every})"
+        )
+    return args
+
+
+# ------------------------------------------------------------------------------------------------------ device
+def torch_device(device: str = "auto") -> torch.device:
+    """``auto`` (first CUDA device, else CPU), ``cpu``, ``0``, ``cuda:1``, ``mps``; a list (``0,1``) -> the first
+    device (this backend trains on one device)."""
+    if device == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    first = device.split(",")[0].strip()
+    if "," in device:
+        log.warning("YOLOX trains on one device: using %s of %s", first, device)
+    if first.isdigit():
+        first = f"cuda:{first}"
+    try:
+        dev = torch.device(first)
+    except RuntimeError as err:
+        raise CytologiaInputError(f"detector.device={device!r} is not a device ({err})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CytologiaInputError(f"detector.device={device!r}: CUDA is not available on this machine")
+    return dev
+
+
+# ------------------------------------------------------------------------------------------------------- split
+@dataclass
+class Split:
+    """The training images (with boxes), the held-out images, their truth boxes and image sizes."""
+
+    train: list[Sample]
+    val_paths: list[Path]
+    val_names: list[str]
+    val_truth: pd.DataFrame  # NAME, x1, y1, x2, y2 (clipped)
+    sizes: pd.DataFrame  # index NAME: img_w, img_h
+    skipped_empty: int
+
+
+def _sizes(data: DetectionData, names: Sequence[str]) -> pd.DataFrame:
+    """``NAME -> img_w, img_h`` from the table where known, else from the image headers."""
+    known = pd.DataFrame(columns=["img_w", "img_h"], dtype=np.int64)
+    if {"img_w", "img_h"} <= set(data.table.columns):
+        known = data.table.drop_duplicates("NAME").set_index("NAME")[["img_w", "img_h"]].astype(np.int64)
+        known = known.loc[(known["img_w"] > 0) & (known["img_h"] > 0)]
+    todo = [n for n in names if n not in known.index]
+    if todo:
+        found, errors = image_sizes([resolve_image(Path(data.image_dir) / n, data.repaired_dir, n) for n in todo])
+        bad = [f"{n}: {e}" for n, e in zip(todo, errors) if e is not None]
+        if bad:
+            raise CytologiaInputError(f"{len(bad)} image(s) cannot be read: " + "; ".join(bad[:10]))
+        extra = pd.DataFrame(found, index=pd.Index(todo, name="NAME"), columns=["img_w", "img_h"])
+        known = pd.concat([known, extra])
+    return known.reindex(list(names))
+
+
+def make_split(data: DetectionData) -> Split:
+    """Training samples (every fold but ``data.fold``; images of the folds without a box are negatives) and the
+    held-out fold, boxes clipped to their image. Errors name the images (annotated image without a fold, missing
+    file) or the fold; a box empty once clipped is skipped, counted and logged."""
+    folds = data.folds[["NAME", "fold"]].copy()
+    folds["NAME"] = folds["NAME"].astype(str)
+    if folds["NAME"].duplicated().any():
+        dup = folds.loc[folds["NAME"].duplicated(), "NAME"].head(5).tolist()
+        raise CytologiaInputError(f"folds table lists image(s) twice: {', '.join(dup)}")
+    boxes = data.table[["NAME", *BOX_COLUMNS]].copy()
+    boxes["NAME"] = boxes["NAME"].astype(str)
+    orphans = sorted(set(boxes["NAME"]) - set(folds["NAME"]))
+    if orphans:
+        raise CytologiaInputError(f"{len(orphans)} annotated image(s) have no fold: {', '.join(orphans[:10])}")
+    held = (folds["fold"] == data.fold).to_numpy()
+    if not held.any():
+        raise CytologiaInputError(f"fold {data.fold} holds no image (folds: {sorted(folds['fold'].unique())})")
+    if held.all():
+        raise CytologiaInputError(f"every image is in fold {data.fold}: nothing left to train on")
+    names = folds["NAME"].tolist()
+    sizes = _sizes(data, names)
+    w = boxes["NAME"].map(sizes["img_w"]).to_numpy(np.float64)
+    h = boxes["NAME"].map(sizes["img_h"]).to_numpy(np.float64)
+    xyxy = np.clip(boxes[list(BOX_COLUMNS)].to_numpy(np.float64), 0.0, np.stack([w, h, w, h], axis=1))
+    keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+    skipped = int((~keep).sum())
+    if skipped:
+        log.warning("%d box(es) are empty once clipped to their image and are left out of the detector labels", skipped)
+    clipped = pd.DataFrame(xyxy[keep], columns=list(BOX_COLUMNS))
+    clipped.insert(0, "NAME", boxes["NAME"].to_numpy()[keep])
+    per_image = {n: g[list(BOX_COLUMNS)].to_numpy(np.float32) for n, g in clipped.groupby("NAME", sort=False)}
+    paths = [resolve_image(Path(data.image_dir) / n, data.repaired_dir, n) for n in names]
+    missing = [n for n, p in zip(names, paths) if not p.is_file()]
+    if missing:
+        raise CytologiaInputError(f"{len(missing)} image(s) not found in {data.image_dir}: {', '.join(missing[:10])}")
+    empty = np.zeros((0, 4), np.float32)
+    train = [Sample(p, per_image.get(n, empty)) for n, p, v in zip(names, paths, held) if not v]
+    val_names = [n for n, v in zip(names, held) if v]
+    return Split(
+        train=train, val_paths=[p for p, v in zip(paths, held) if v], val_names=val_names,
+        val_truth=clipped.loc[clipped["NAME"].isin(set(val_names))].reset_index(drop=True), sizes=sizes,
+        skipped_empty=skipped,
+    )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ optimiser, schedule
+def build_optimizer(
+    model: torch.nn.Module, name: str, lr: float, momentum: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """Parameter groups: conv/linear weights with weight decay, batch-norm weights and all biases without."""
+    decay, no_decay = [], []
+    for module in model.modules():
+        for pname, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            is_norm = isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+            (no_decay if pname == "bias" or is_norm else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if name == "SGD":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
+    if name == "AdamW":
+        return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
+    if name == "Adam":
+        return torch.optim.Adam(groups, lr=lr, betas=(momentum, 0.999))
+    raise CytologiaInputError(f"detector.optimizer={name!r} is not available for YOLOX; choose one of {OPTIMIZERS}")
+
+
+@dataclass
+class WarmCosine:
+    """Learning rate of iteration ``it`` (1-based): quadratic warm-up, cosine, flat tail (see the module docstring)."""
+
+    lr: float
+    total_iters: int
+    warmup_iters: int
+    flat_iters: int  # the last iterations, at the minimum
+    min_lr_ratio: float
+    warmup_lr: float = 0.0
+
+    def __call__(self, it: int) -> float:
+        low = self.lr * self.min_lr_ratio
+        if self.warmup_iters > 0 and it <= self.warmup_iters:
+            return (self.lr - self.warmup_lr) * (it / self.warmup_iters) ** 2 + self.warmup_lr
+        if it >= self.total_iters - self.flat_iters:
+            return low
+        span = max(self.total_iters - self.warmup_iters - self.flat_iters, 1)
+        return low + 0.5 * (self.lr - low) * (1.0 + math.cos(math.pi * (it - self.warmup_iters) / span))
+
+
+class ModelEMA:
+    """Exponential moving average of a model's weights (buffers copied), decay ramped by the number of updates."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, tau: float = EMA_TAU) -> None:
+        self.module = deepcopy(model).eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+        self.decay, self.tau, self.updates = decay, tau, 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        d = self.decay * (1.0 - math.exp(-self.updates / self.tau))
+        current = model.state_dict()
+        for key, value in self.module.state_dict().items():
+            if value.dtype.is_floating_point:
+                value.mul_(d).add_(current[key].detach(), alpha=1.0 - d)
+            else:
+                value.copy_(current[key])
+
+
+def multiscale_sides(img_size: int, steps: int) -> list[int]:
+    """Sides (multiples of 32) for multi-scale training: ``img_size +- 32 * steps``, never under half ``img_size``."""
+    base = img_size // STRIDE
+    low = max(base - steps, (base + 1) // 2, 1)
+    return [STRIDE * k for k in range(low, base + steps + 1)]
+
+
+def resize_batch(images: torch.Tensor, targets: list[torch.Tensor], side: int) -> tuple[torch.Tensor, list]:
+    """Bilinear resize of a square batch to ``side``; targets (``class, cx, cy, w, h``) scaled alike."""
+    scale = side / images.shape[-1]
+    if scale == 1.0:
+        return images, targets
+    images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
+    scaled = []
+    for t in targets:
+        t = t.clone()
+        t[:, 1:5] *= scale
+        scaled.append(t)
+    return images, scaled
+
+
+# --------------------------------------------------------------------------------------------------- evaluation
+def evaluate(
+    model: YOLOX, split: Split, device: torch.device, *, img_size: int, iou: float, batch_size: int
+) -> tuple[float, float]:
+    """Known-count box term of ``model`` on the held-out images (as the stage predicts them), and seconds taken."""
+    start = time.perf_counter()
+    net = YoloxInference.from_model(model).to(device)
+
+    def forward(x: np.ndarray) -> torch.Tensor:
+        with torch.inference_mode():
+            return net(torch.from_numpy(x).to(device)).float().cpu()
+
+    boxes = detect_images(
+        forward, split.val_paths, split.val_names, img_size=img_size, conf=VAL_CONF, iou=iou, max_det=VAL_MAX_DET,
+        tta_flip=False, batch_size=batch_size,
+    )  # fmt: skip
+    sizes = split.sizes.reset_index()
+    value = known_count_giou(boxes, split.val_truth, sizes) if len(split.val_truth) else float("nan")
+    return value, time.perf_counter() - start
+
+
+# ------------------------------------------------------------------------------------------------------ training
+def fit(
+    model: YOLOX, name: str, data: DetectionData, out_dir: Path, settings: TrainSettings, args: YoloxTrainArgs
+) -> TrainResult:
+    """Train ``model`` on the folds but ``data.fold``; ``out_dir/yolox/{best,last}.pt``, ``results.csv`` and
+    ``args.yaml``; the selected checkpoint is copied to ``out_dir/detector.pt``."""
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    run_dir = out_dir / "yolox"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    split = make_split(data)
+    device = torch_device(settings.device)
+    torch.manual_seed(settings.seed)
+    gen = torch.Generator().manual_seed(settings.seed)
+    size = settings.img_size
+    dataset = DetectionDataset(split.train, size, args.augment, seed=settings.seed)
+    batch = min(settings.batch_size, len(dataset))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch, shuffle=True, num_workers=settings.workers, collate_fn=collate, drop_last=True,
+        pin_memory=device.type == "cuda", generator=gen,
+    )  # fmt: skip
+    iters = len(loader)
+    model.to(device).train()
+    optimizer = build_optimizer(model, settings.optimizer, settings.lr, args.momentum, args.weight_decay)
+    epochs = settings.epochs
+
+    def schedule_for(total_epochs: int) -> WarmCosine:
+        flat = min(args.no_aug_epochs, total_epochs)
+        return WarmCosine(
+            lr=settings.lr, total_iters=total_epochs * iters, warmup_iters=round(args.warmup_epochs * iters),
+            flat_iters=flat * iters, min_lr_ratio=args.min_lr_ratio, warmup_lr=args.warmup_lr,
+        )  # fmt: skip
+
+    schedule = schedule_for(epochs)
+    ema = ModelEMA(model, args.ema_decay) if args.ema else None
+    amp = bool(settings.amp) and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    sides = multiscale_sides(size, args.multiscale_range) if args.multiscale_range > 0 else [size]
+    side_rng = np.random.default_rng(settings.seed)
+    (run_dir / "args.yaml").write_text(
+        yaml.safe_dump({"model": name, **_plain_settings(settings), "yolox": args.to_dict()}, sort_keys=False)
+    )
+    history: list[dict[str, float]] = []
+    epoch_seconds: list[float] = []
+    best_value, best_epoch, stale, it, side = -math.inf, 0, 0, 0, size
+    log.info(
+        "YOLOX %s: %d training images (%d iterations/epoch of %d), %d held out, device %s, %d epochs",
+        name, len(dataset), iters, batch, len(split.val_names), device, epochs,
+    )  # fmt: skip
+    epoch = 0
+    while epoch < epochs:
+        no_aug = epoch >= epochs - min(args.no_aug_epochs, epochs)
+        dataset.set_epoch(epoch, mosaic=not no_aug)
+        use_l1 = no_aug and args.l1_loss
+        model.train()
+        sums: dict[str, float] = {}
+        t0 = time.perf_counter()
+        for images, targets in loader:
+            it += 1
+            lr = schedule(it)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            if len(sides) > 1 and (it - 1) % args.multiscale_every == 0:
+                side = int(side_rng.choice(sides))
+            x = images.to(device, non_blocking=True).float()
+            x, targets = resize_batch(x, targets, side)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                raw, grid, strides = model.raw(x)
+            loss = yolox_loss(
+                raw, grid, strides, targets, kind=args.box_loss, use_l1=use_l1, assign_mode=args.assign_mode,
+                center_radius=args.center_radius or None,
+            )  # fmt: skip
+            if not torch.isfinite(loss.total):
+                raise FloatingPointError(f"YOLOX loss is {float(loss.total)} at epoch {epoch + 1}, iteration {it}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss.total).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            if ema is not None:
+                ema.update(model)
+            for k, v in loss.as_dict().items():
+                sums[k] = sums.get(k, 0.0) + v
+        epoch_seconds.append(time.perf_counter() - t0)
+        scored = ema.module if ema is not None else model
+        value, val_s = evaluate(
+            scored, split, device, img_size=size, iou=settings.nms_iou, batch_size=args.val_batch or batch
+        )
+        row = {"epoch": float(epoch + 1), **{f"train/{k}": v / max(iters, 1) for k, v in sums.items()}}
+        row.update({"lr": lr, KC_METRIC: value, "train_seconds": epoch_seconds[-1], "val_seconds": val_s})
+        history.append(row)
+        meta = {"img_size": size, "epoch": epoch + 1, "metrics": row, "train_args": args.to_dict()}
+        save_checkpoint(run_dir / "last.pt", scored, name, **meta)
+        if np.isfinite(value) and value >= best_value:
+            best_value, best_epoch, stale = value, epoch + 1, 0
+            save_checkpoint(run_dir / "best.pt", scored, name, **meta)
+        else:
+            stale += 1
+        _write_history(run_dir / "results.csv", history)
+        log.info("epoch %d/%d: loss %.4f, box term %.4f (best %.4f, epoch %d)", epoch + 1, epochs,
+                 row.get("train/loss", float("nan")), value, best_value, best_epoch)  # fmt: skip
+        epoch += 1
+        if settings.patience and stale >= settings.patience:
+            log.info("no better box term for %d epochs: stopping after epoch %d", stale, epoch)
+            break
+        if args.time_limit_s > 0:
+            per_epoch = (time.perf_counter() - start) / epoch
+            fits = max(epoch, min(settings.epochs, int(args.time_limit_s / per_epoch)))
+            if fits != epochs:
+                log.info("time limit %.0f s: re-planned to %d epochs", args.time_limit_s, fits)
+                epochs, schedule = fits, schedule_for(fits)
+    if best_epoch == 0:  # no finite score (no truth box held out): keep the last epoch
+        best_epoch = epoch
+        shutil.copyfile(run_dir / "last.pt", run_dir / "best.pt")
+    target = out_dir / "detector.pt"
+    shutil.copyfile(run_dir / "best.pt", target)
+    return TrainResult(
+        weights=target, best_epoch=best_epoch, metrics=history[best_epoch - 1], history=history,
+        selection=(
+            "best.pt: the epoch with the highest known-count mean rescaled GIoU of the held-out fold (the last one on "
+            "a tie), computed after each epoch on the " + ("EMA " if ema is not None else "") + "weights that are saved"
+        ),
+        seconds=time.perf_counter() - start, epoch_seconds=epoch_seconds, n_train_images=len(split.train),
+        n_val_images=len(split.val_names),
+    )  # fmt: skip
+
+
+def _plain_settings(settings: TrainSettings) -> dict[str, Any]:
+    """The settings without ``extra`` (parsed into :class:`YoloxTrainArgs`, written apart)."""
+    return {f.name: getattr(settings, f.name) for f in fields(settings) if f.name != "extra"}
+
+
+def _write_history(path: Path, history: list[dict[str, float]]) -> None:
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)

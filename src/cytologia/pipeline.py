@@ -1,0 +1,257 @@
+"""The whole two-stage pipeline as one run (``python train.py +exp=demo``), each step resumable from its files.
+
+Steps, in order (one folder each under the run folder; a step whose output exists is skipped, so a killed run
+resumes where it stopped -- rerun with ``hydra.run.dir=<run folder>``):
+
+1. ``data``       the data folder (generated when synthetic and absent), validated table, shared folds
+2. ``detector``   single-class detector per fold -> out-of-fold boxes  (cytologia.detection.stage)
+3. ``clean``      noisy-box cleaning from the OOF boxes -> ``clean/train_clean.csv`` + report (``cytologia clean``)
+4. ``background`` cell-free images painted from training images, with the fold of their source image
+5. ``cls_<name>`` each classifier of ``pipeline.classifiers`` on the cleaned boxes -> OOF logits
+6. ``ensemble``   weights tuned on the OOF logits, held-out check -> ``ensemble/ensemble.json`` (``cytologia tune``)
+7. ``predict``    the test set, known-count mode -> ``predict/submission.csv`` (``cytologia predict``)
+8. ``baselines``  the null model and the single-stage 23-class YOLO (the 3rd place's approach), same data
+9. ``report``     scores side by side, per-class F1, confusion matrix, F1 per source, error gallery, stage times
+
+Steps 3-8 talk through the same files and commands a user runs by hand, so this module is orchestration only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from cytologia.data.errors import CytologiaInputError
+from cytologia.data.prepare import FOLDS_FILE, FOLDS_REPORT, ensure_data, ensure_folds, read_train
+
+log = logging.getLogger(__name__)
+
+TIMES_FILE = "stage_times.json"
+
+
+def _cli(*argv: str) -> None:
+    """Run a `cytologia` command in-process; a non-zero exit is an error naming the command."""
+    from cytologia.cli import main
+
+    code = main([str(a) for a in argv])
+    if code != 0:
+        raise CytologiaInputError(f"`cytologia {' '.join(map(str, argv))}` failed with exit code {code}")
+
+
+def _with(cfg: DictConfig, **overrides: object) -> DictConfig:
+    """A copy of ``cfg`` with dotted-key overrides (the stage functions take a whole config)."""
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    for key, value in overrides.items():
+        OmegaConf.update(out, key, value, merge=True)
+    return out
+
+
+class _Steps:
+    """Runs named steps once, records their wall time in ``stage_times.json`` (kept across resumed runs)."""
+
+    def __init__(self, run_dir: Path, n_steps: int) -> None:
+        self.run_dir = run_dir
+        self.n = n_steps
+        self.i = 0
+        path = run_dir / TIMES_FILE
+        self.times: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def __call__(self, name: str, done: Path | None, fn: Callable[[], object]) -> None:
+        self.i += 1
+        if done is not None and done.exists():
+            log.info("[%d/%d] %s: %s exists, skipped (resumed run)", self.i, self.n, name, done)
+            return
+        log.info("[%d/%d] %s ...", self.i, self.n, name)
+        start = time.perf_counter()
+        fn()
+        self.times[name] = round(time.perf_counter() - start, 2)
+        (self.run_dir / TIMES_FILE).write_text(json.dumps(self.times, indent=1) + "\n")
+        log.info("[%d/%d] %s done in %.1f s", self.i, self.n, name, self.times[name])
+
+
+def _clean_data_folder(root: Path, clean_dir: Path, out: Path) -> None:
+    """A data folder whose train.csv is the cleaned table; images, folds and the rest are links to ``root``'s."""
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(clean_dir / "train_clean.csv", out / "train.csv")
+    for name in ("images", FOLDS_FILE, FOLDS_REPORT, "test.csv", "sources.csv"):
+        src, dst = root / name, out / name
+        if src.exists() and not dst.exists():
+            dst.symlink_to(src.resolve(), target_is_directory=src.is_dir())
+
+
+def _cleaned_or_original(root: Path, clean_dir: Path, out: Path, min_kept: float) -> Path:
+    """The data folder the classifiers train on: the cleaned one, unless cleaning kept less than ``min_kept`` of the
+    boxes -- then the detector is too weak to tell noise from cells (a short CPU run), and removing most of the data
+    would hurt far more than the noise: the original boxes are used and a warning says so."""
+    counts = json.loads((clean_dir / "cleaning_summary.json").read_text())["counts"]
+    kept = counts["boxes_kept"] / max(1, counts["boxes"])
+    if kept < min_kept:
+        log.warning(
+            "cleaning would keep %.0f %% of the boxes (%d of %d; %d detections confirmed anything): the detector is "
+            "too weak to clean with, so the classifiers train on the original boxes (pipeline.clean_min_kept=%.2f)",
+            100 * kept, counts["boxes_kept"], counts["boxes"], counts.get("detections", -1), min_kept,
+        )  # fmt: skip
+        return root
+    _clean_data_folder(root, clean_dir, out)
+    return out
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, object]:
+    """Run every step of the pipeline into ``run_dir``; returns the scores and the time per step."""
+    p = cfg.pipeline
+    if not p.classifiers:
+        raise CytologiaInputError("config key pipeline.classifiers is empty: the pipeline needs at least one")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    steps = _Steps(run_dir, 8 + len(p.classifiers) + int(p.single_stage.enabled))
+    root = Path(cfg.data.root)
+    state: dict[str, object] = {}
+
+    def data() -> None:
+        ensure_data(cfg)
+        state["table"] = read_train(cfg, root)
+        ensure_folds(cfg, state["table"], root)
+
+    steps("data", None, data)
+    det_dir = run_dir / "detector"
+    steps("detector", det_dir / "oof_boxes.csv", lambda: _detector(cfg, det_dir))
+    clean_dir = run_dir / "clean"
+    if p.clean:
+        settings = ["--config", p.cleaning_config] if p.cleaning_config else []
+        steps("clean", clean_dir / "train_clean.csv", lambda: _cli(
+            "clean", "--data", root, "--boxes", det_dir / "oof_boxes.csv", "--out", clean_dir, *settings,
+        ))  # fmt: skip
+        cls_root = _cleaned_or_original(root, clean_dir, run_dir / "data_clean", float(p.clean_min_kept))
+    else:
+        steps("clean", None, lambda: None)
+        cls_root = root
+    bg_dir = run_dir / "background"
+    steps("background", bg_dir / "background.csv", lambda: _background(cfg, root, clean_dir, bg_dir))
+
+    members = []
+    for spec in p.classifiers:
+        name = str(spec.name)
+        out = run_dir / f"cls_{name}"
+        members.append(out)
+        overrides = {f"classifier.{k}": v for k, v in OmegaConf.to_container(spec, resolve=True).items()}
+        if spec.get("background", False):
+            overrides["classifier.background_table"] = str(bg_dir / "background.csv")
+        # exp_name names the member's OOF logits (the ensemble tells members apart by it)
+        sub = _with(cfg, **{"data.root": str(cls_root), "stage": "classifier", "fold": None, "exp_name": name,
+                            **overrides})  # fmt: skip
+        steps(f"classifier {name}", out / "summary.json", lambda sub=sub, out=out: _classifier(sub, out))
+
+    ens = run_dir / "ensemble" / "ensemble.json"
+    tune_args = [a for m in members for a in ("--oof", m)]
+    steps("ensemble", ens, lambda: _cli(
+        "tune", *tune_args, "--truth", cls_root / "train.csv", "--detector", det_dir, "--out", ens,
+    ))  # fmt: skip
+    sub_path = run_dir / "predict" / "submission.csv"
+    steps("predict", sub_path, lambda: _cli(
+        "predict", "--data", root, "--ensemble", ens, "--out", sub_path, "--runtime", p.runtime,
+        "--report", run_dir / "predict" / "predict_report.json",
+    ))  # fmt: skip
+
+    null_path = run_dir / "baselines" / "null_submission.csv"
+    steps("null baseline", null_path, lambda: _cli("baseline", "--data", root, "--out", null_path))
+    ss = p.single_stage
+    ss_dir = run_dir / "baselines" / "single_stage"
+    if ss.enabled:
+        steps("single-stage baseline", ss_dir / "submission.csv", lambda: _cli(
+            "single-stage", "--data", root, "--out", ss_dir, "--model", ss.model, "--epochs", ss.epochs,
+            "--time-min", ss.time_min, "--img-size", ss.img_size, "--batch-size", ss.batch_size, "--workers", 0,
+            "--folds-k", cfg.folds.k,
+            *[a for k, v in ss.train_args.items() for a in ("--train-arg", f"{k}={v}")],
+        ))  # fmt: skip
+
+    truth = root / "test_labels.csv"
+    scores = _scores(truth, {"two-stage": sub_path, "single-stage": ss_dir / "submission.csv", "null": null_path})
+    report_dir = run_dir / "report"
+    steps("report", None, lambda: _report(cfg, run_dir, root, truth, sub_path, scores, report_dir))
+    line = "  ".join(f"{k} {v['score']:.4f}" for k, v in scores.items())
+    total = sum(steps.times.values())
+    print(f"pipeline done in {total / 60:.1f} min (sum of stage times): score {line}; report: {report_dir}/index.html")
+    return {"scores": scores, "stage_times": steps.times, "report": str(report_dir)}
+
+
+def _detector(cfg: DictConfig, out: Path) -> None:
+    from cytologia.detection.stage import run as run_detector
+    from cytologia.provenance import write_run_info
+
+    sub = _with(cfg, stage="detector", fold=None)
+    write_run_info(out, sub, extra={"stage": "detector", "pipeline_step": True})  # as a stand-alone run would
+    run_detector(sub, out)
+
+
+def _classifier(cfg: DictConfig, out: Path) -> None:
+    from cytologia.classification.stage import run as run_classifier
+    from cytologia.provenance import write_run_info
+
+    write_run_info(out, cfg, extra={"stage": "classifier", "pipeline_step": True})
+    run_classifier(cfg, out)
+
+
+def _background(cfg: DictConfig, root: Path, clean_dir: Path, out: Path) -> None:
+    """Cell-free images from training images the cleaning did not flag (a missed cell would stay in the picture)."""
+    import pandas as pd
+
+    from cytologia.data.prepare import read_folds
+    from cytologia.detection.background import make_background_set
+
+    n = int(cfg.pipeline.n_background)
+    if n <= 0:
+        out.mkdir(parents=True, exist_ok=True)
+        return
+    exclude: list[str] = []
+    report = clean_dir / "cleaning_report.csv"
+    if report.is_file():
+        flagged = pd.read_csv(report, dtype={"NAME": str}, keep_default_na=False)
+        if "flag" in flagged.columns:
+            exclude = sorted(set(flagged.loc[flagged["flag"].astype(str) != "", "NAME"]))
+    table = read_train(cfg, root)
+    make_background_set(
+        table, root / "images", read_folds(root / FOLDS_FILE), out, n, seed=int(cfg.seed), exclude=exclude,
+        max_cells=1, workers=max(1, min(4, os.cpu_count() or 1)),
+    )  # fmt: skip
+
+
+def _scores(truth: Path, preds: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """``name -> {score, giou, f1}`` of every submission that exists, scored against ``truth``."""
+    from cytologia.metrics import read_predictions, read_truth, score
+
+    if not truth.is_file():
+        log.warning("%s absent (not a synthetic set): no scores", truth)
+        return {}
+    t = read_truth(truth)
+    out = {}
+    for name, path in preds.items():
+        if Path(path).is_file():
+            r = score(t, read_predictions(path))
+            out[name] = {"score": r.score, "giou": r.giou, "f1": r.f1}
+    return out
+
+
+def _report(
+    cfg: DictConfig, run_dir: Path, root: Path, truth: Path, pred: Path, scores: dict[str, dict[str, float]], out: Path
+) -> None:
+    from cytologia.report import write_report
+
+    if not truth.is_file():
+        return
+
+    def present(path: Path) -> Path | None:
+        return path if path.is_file() else None
+
+    write_report(
+        out, truth, pred, sources=present(root / "sources.csv"), image_dir=root / "images",
+        folds=present(root / FOLDS_FILE), train=present(root / "train.csv"),
+        cleaning_report=present(run_dir / "clean" / "cleaning_report.csv"),
+        stage_times=json.loads((run_dir / TIMES_FILE).read_text()), config=cfg, extra_scores=scores, name="two-stage",
+    )  # fmt: skip
