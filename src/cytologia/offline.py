@@ -67,3 +67,19 @@ def install_yolo_fonts(directory: Path | None = None) -> list[Path]:
             os.replace(tmp, target)
         placed.append(target)
     return placed
+
+
+def tame_ultralytics() -> None:
+    """Undo the one ultralytics import side effect that breaks offline use and our error handling.
+
+    Importing ultralytics replaces ``PIL.Image.open`` with a wrapper that, on the first file Pillow cannot identify,
+    tries to pip-install ``pi-heif`` (a network call) and then raises ModuleNotFoundError instead of
+    ``UnidentifiedImageError`` -- so an unreadable image anywhere in the process, even in code that never touches
+    ultralytics, would stop being reported as unreadable. Marking its HEIF plugin as already registered makes the
+    wrapper call Pillow directly. Call this right after importing ultralytics.
+    """
+    import sys
+
+    patches = sys.modules.get("ultralytics.utils.patches")
+    if patches is not None and hasattr(patches, "_pil_plugins_registered"):
+        patches._pil_plugins_registered = True

@@ -68,10 +68,11 @@ from cytologia.detection.registry import (
     TrainResult,
     TrainSettings,
 )
-from cytologia.offline import install_yolo_fonts
+from cytologia.offline import install_yolo_fonts, tame_ultralytics
 
 log = logging.getLogger(__name__)
 install_yolo_fonts(USER_CONFIG_DIR)
+tame_ultralytics()  # PIL.Image.open must keep raising UnidentifiedImageError, with no pip call
 
 # family -> architecture yaml inside the ultralytics package; the scales (n, s, m, l, x) are read from the yaml.
 # Families with an NMS-free end-to-end head (v10, 26) are left out: their output layout differs.
