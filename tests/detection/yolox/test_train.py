@@ -140,3 +140,12 @@ def test_split_errors_name_the_images(tiny_set, tmp_path: Path) -> None:
     extra = pd.concat([_folds(names), pd.DataFrame({"NAME": ["ghost.jpg"], "fold": [0]})])
     with pytest.raises(CytologiaInputError, match="ghost.jpg"):
         make_split(DetectionData(table=tiny_set.table, folds=extra, fold=1, **kw))
+
+
+def test_time_limit_replans_the_run(tiny_set, tmp_path: Path) -> None:
+    data = DetectionData(table=tiny_set.table, folds=_folds(tiny_set.names), image_dir=tiny_set.image_dir, fold=0,
+                         cache_dir=tmp_path / "cache")  # fmt: skip
+    settings = TrainSettings(epochs=5, img_size=64, batch_size=4, lr=1e-3, optimizer="AdamW", device="cpu", workers=0,
+                             extra={"time_limit_s": 0.01, "multiscale_range": 0})  # fmt: skip
+    result = create_detector("yolox", "yolox_nano").train(data, tmp_path / "fold_0", settings)
+    assert len(result.history) == 1 and result.best_epoch == 1  # the first epoch alone overruns 0.01 s

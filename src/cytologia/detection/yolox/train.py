@@ -458,7 +458,7 @@ def fit(
             break
         if args.time_limit_s > 0:
             per_epoch = (time.perf_counter() - start) / epoch
-            fits = max(epoch, min(settings.epochs, int(args.time_limit_s / per_epoch)))
+            fits = max(epoch, min(epochs, int(args.time_limit_s / per_epoch)))  # never lengthened again
             if fits != epochs:
                 log.info("time limit %.0f s: re-planned to %d epochs", args.time_limit_s, fits)
                 epochs, schedule = fits, schedule_for(fits)
