@@ -26,6 +26,7 @@ from cytologia.detection.yolox.train import (
     make_split,
     multiscale_sides,
     parse_train_args,
+    precise_bn,
     resize_batch,
 )
 
@@ -61,8 +62,9 @@ def test_warm_cosine_schedule() -> None:
 
 
 def test_multiscale_sides_and_batch_resize() -> None:
-    assert multiscale_sides(512, 5) == list(range(352, 673, 32))
-    assert multiscale_sides(128, 5) == [64, 96, 128, 160, 192, 224, 256, 288]
+    assert multiscale_sides(640, 0.25) == list(range(480, 801, 32))  # YOLOX's +-5 x 32 px at 640 px
+    assert multiscale_sides(512, 0.25) == list(range(384, 641, 32))
+    assert multiscale_sides(64, 0.25) == [64]
     images = torch.zeros(2, 3, 64, 64)
     out, targets = resize_batch(images, [torch.tensor([[0, 32.0, 32.0, 10.0, 20.0]]), torch.zeros(0, 5)], 96)
     assert out.shape == (2, 3, 96, 96)
@@ -78,6 +80,34 @@ def test_ema_ramps_up() -> None:
     d = 0.9998 * (1 - math.exp(-1 / 2000))  # tiny at first: the EMA follows the model
     expected = d * (model.weight - 1.0) + (1 - d) * model.weight
     torch.testing.assert_close(ema.module.weight, expected)
+
+
+def test_precise_bn_measures_the_statistics_of_the_weights(tiny_set) -> None:
+    """After precise BN on one batch, every running mean / variance is that batch's statistics of the layer's input
+    (stale values before are gone), and the momentum is restored."""
+    samples = [
+        Sample(p, g[["x1", "y1", "x2", "y2"]].to_numpy(np.float32))
+        for p, (_, g) in zip(tiny_set.paths, tiny_set.table.groupby("NAME", sort=True))
+    ]
+    ds = DetectionDataset(samples, 64, NO_AUG)
+    model = build_yolox("yolox_nano")
+    bns = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    for m in bns.values():
+        m.running_mean.add_(5.0)  # stale statistics
+    precise_bn(model, ds, torch.device("cpu"), n_images=len(ds), batch_size=len(ds))
+    assert all(m.momentum == 0.03 for m in bns.values())
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: seen.__setitem__(name, inp[0]))
+             for name, m in bns.items()]  # fmt: skip
+    images, _ = collate([ds[i] for i in range(len(ds))])
+    with torch.no_grad():
+        model.train().raw(images.float())  # the same inputs, layer by layer (weights unchanged)
+    for h in hooks:
+        h.remove()
+    for name, m in bns.items():
+        x = seen[name]
+        torch.testing.assert_close(m.running_mean, x.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-4, msg=name)
+        torch.testing.assert_close(m.running_var, x.var(dim=(0, 2, 3)), rtol=1e-3, atol=1e-4, msg=name)
 
 
 def test_a_few_steps_on_generated_images_lower_the_loss(tiny_set) -> None:
@@ -108,7 +138,7 @@ def test_a_fold_trains_and_selects_on_the_box_term(tiny_set, tmp_path: Path) -> 
     data = DetectionData(table=tiny_set.table, folds=_folds(tiny_set.names), image_dir=tiny_set.image_dir, fold=0,
                          cache_dir=tmp_path / "cache")  # fmt: skip
     settings = TrainSettings(epochs=2, img_size=64, batch_size=4, lr=1e-3, optimizer="AdamW", device="cpu", workers=0,
-                             extra={"no_aug_epochs": 1, "warmup_epochs": 1, "multiscale_range": 1})  # fmt: skip
+                             extra={"no_aug_epochs": 1, "warmup_epochs": 1, "multiscale": 0.5})  # fmt: skip
     detector = create_detector("yolox", "yolox_nano")
     result = detector.train(data, tmp_path / "fold_0", settings)
     assert result.weights == tmp_path / "fold_0" / "detector.pt" and detector.checkpoint == result.weights
@@ -146,6 +176,6 @@ def test_time_limit_replans_the_run(tiny_set, tmp_path: Path) -> None:
     data = DetectionData(table=tiny_set.table, folds=_folds(tiny_set.names), image_dir=tiny_set.image_dir, fold=0,
                          cache_dir=tmp_path / "cache")  # fmt: skip
     settings = TrainSettings(epochs=5, img_size=64, batch_size=4, lr=1e-3, optimizer="AdamW", device="cpu", workers=0,
-                             extra={"time_limit_s": 0.01, "multiscale_range": 0})  # fmt: skip
+                             extra={"time_limit_s": 0.01, "multiscale": 0.0})  # fmt: skip
     result = create_detector("yolox", "yolox_nano").train(data, tmp_path / "fold_0", settings)
     assert len(result.history) == 1 and result.best_epoch == 1  # the first epoch alone overruns 0.01 s
