@@ -20,8 +20,23 @@ def real_data_dir() -> Path:
     return REAL_DATA
 
 
+def _ultralytics_installed() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("ultralytics") is not None
+    except (ImportError, ValueError):  # blocked by an import hook
+        return False
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked ``gpu`` are skipped with a reason when CUDA is not available (even when selected with -m gpu)."""
+    """Tests marked ``ultralytics`` are skipped with a reason when the ultralytics extra is absent (an Apache-only
+    install); tests marked ``gpu`` when CUDA is not available (even when selected with -m gpu)."""
+    ul_items = [i for i in items if i.get_closest_marker("ultralytics")]
+    if ul_items and not _ultralytics_installed():
+        skip_ul = pytest.mark.skip(reason="needs the ultralytics extra: pip install 'cytologia[ultralytics]'")
+        for item in ul_items:
+            item.add_marker(skip_ul)
     gpu_items = [i for i in items if i.get_closest_marker("gpu")]
     if not gpu_items:
         return

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 from hydra import compose, initialize_config_dir
 
 from cytologia.data.io import read_submission, read_test
@@ -28,6 +29,7 @@ TOY = [
 ]
 
 
+@pytest.mark.ultralytics
 def test_toy_pipeline_end_to_end_and_resume(tmp_path: Path) -> None:
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[*TOY, f"paths.data_dir={tmp_path / 'data'}"])

@@ -13,14 +13,16 @@ import pytest
 import torch
 import yaml
 
-from cytologia.cli import main
-from cytologia.data.errors import CytologiaInputError
-from cytologia.data.io import read_submission, read_test, validate_submission
-from cytologia.data.schema import CLASSES
-from cytologia.data.synthetic.generate import SynthConfig, generate
-from cytologia.detection.registry import DetectionData
-from cytologia.detection.ultralytics_backend import boxes_from_output, letterbox, write_yolo_dataset
-from cytologia.single_stage import SingleStageSettings, known_count_submission, prior_class
+pytest.importorskip("ultralytics", reason="needs the ultralytics extra: pip install 'cytologia[ultralytics]'")
+
+from cytologia.cli import main  # noqa: E402
+from cytologia.data.errors import CytologiaInputError  # noqa: E402
+from cytologia.data.io import read_submission, read_test, validate_submission  # noqa: E402
+from cytologia.data.schema import CLASSES  # noqa: E402
+from cytologia.data.synthetic.generate import SynthConfig, generate  # noqa: E402
+from cytologia.detection.registry import DetectionData  # noqa: E402
+from cytologia.detection.ultralytics_backend import boxes_from_output, letterbox, write_yolo_dataset  # noqa: E402
+from cytologia.single_stage import SingleStageSettings, known_count_submission, prior_class  # noqa: E402
 
 
 def _boxes(rows: list[tuple]) -> pd.DataFrame:

@@ -268,7 +268,9 @@ def train_single_stage(
     """Train the 23-class YOLO on every fold but ``fold`` (``table``: annotations with ``class``; ``folds``:
     ``NAME,fold``) and select its checkpoint on ``fold``; the selected weights are copied to
     ``out_dir/single_stage.pt``, ultralytics' own run folder is ``out_dir/ultralytics``."""
-    from cytologia.detection.registry import DetectionData
+    from cytologia.detection.registry import DetectionData, require_optional
+
+    require_optional("ultralytics")  # the baseline IS an ultralytics YOLO: say how to install it when absent
     from cytologia.detection.ultralytics_backend import (
         UltralyticsDetector,
         _amp_check_offline,

@@ -28,6 +28,7 @@ def exported(smoke_run, tmp_path_factory) -> tuple[Path, Path]:
     return smoke_run.checkpoint, path
 
 
+@pytest.mark.ultralytics
 def test_onnx_boxes_match_torch(exported, tmp_path: Path) -> None:
     weights, path = exported
     detector = load_detector(weights)
@@ -42,6 +43,7 @@ def test_onnx_boxes_match_torch(exported, tmp_path: Path) -> None:
     assert set(boxes["tta"]) == {"none", "hflip"}
 
 
+@pytest.mark.ultralytics
 def test_export_command_verifies_and_benchmarks(exported, tmp_path: Path) -> None:
     weights, _ = exported
     out, report = tmp_path / "cli.onnx", tmp_path / "report.json"

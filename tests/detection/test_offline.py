@@ -4,17 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from cytologia.offline import YOLO_FONTS, install_yolo_fonts
 
 from .conftest import network_guard
 
 
+@pytest.mark.ultralytics
 def test_training_and_prediction_attempt_no_connection(smoke_run) -> None:
     # the whole det_smoke stage (data generation, folds, 1 epoch, validation, OOF prediction) ran under the guard
     assert smoke_run.result["trained"] is True
     assert smoke_run.attempts == [], f"network access attempted: {smoke_run.attempts}"
 
 
+@pytest.mark.ultralytics
 def test_export_attempts_no_connection(smoke_run, tmp_path: Path) -> None:
     from cytologia.detection.export import export_and_verify
 
@@ -24,6 +28,7 @@ def test_export_attempts_no_connection(smoke_run, tmp_path: Path) -> None:
     assert report.passed
 
 
+@pytest.mark.ultralytics
 def test_the_guard_catches_what_ultralytics_would_do_without_a_font() -> None:
     # positive control: a font ultralytics does not find locally makes it ask its asset server (and swallow the error)
     from ultralytics.utils.checks import check_font

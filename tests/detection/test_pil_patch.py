@@ -7,9 +7,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import cytologia.detection.ultralytics_backend  # noqa: F401  (imports ultralytics, which patches PIL.Image.open)
-from cytologia.data.errors import CytologiaInputError
-from cytologia.data.images import image_size
+pytest.importorskip("ultralytics", reason="needs the ultralytics extra: pip install 'cytologia[ultralytics]'")
+
+import cytologia.detection.ultralytics_backend  # noqa: E402, F401  (imports ultralytics, which patches PIL.Image.open)
+from cytologia.data.errors import CytologiaInputError  # noqa: E402
+from cytologia.data.images import image_size  # noqa: E402
 
 
 def test_unidentified_image_still_raises_pillow_error(tmp_path: Path) -> None:

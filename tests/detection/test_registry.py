@@ -8,12 +8,14 @@ from cytologia.data.errors import CytologiaInputError
 from cytologia.detection import Detector, create_detector, get_backend, list_detectors, load_detector
 
 
+@pytest.mark.ultralytics
 def test_listed_detectors_include_the_v8_and_11_families() -> None:
     names = list_detectors()
     assert {"ultralytics/yolov8n", "ultralytics/yolo11n", "ultralytics/yolo11s", "ultralytics/yolo11x"} <= set(names)
     assert list_detectors("ultralytics") == [n for n in names if n.startswith("ultralytics/")]
 
 
+@pytest.mark.ultralytics
 def test_create_builds_an_untrained_detector() -> None:
     det = create_detector("ultralytics", "yolo11s")
     assert isinstance(det, Detector) and det.backend == "ultralytics" and det.model == "yolo11s"
@@ -27,12 +29,14 @@ def test_unknown_backend_names_the_backends() -> None:
         create_detector("ultralitics", "yolo11n")
 
 
+@pytest.mark.ultralytics
 def test_unknown_model_names_the_models() -> None:
     with pytest.raises(CytologiaInputError, match=r"'yolo11q'.*closest: yolo11.*available: .*yolov8n.*yolo11n") as err:
         create_detector("ultralytics", "yolo11q")
     assert "yolo12x" in str(err.value)
 
 
+@pytest.mark.ultralytics
 def test_missing_checkpoint_is_named(tmp_path) -> None:
     with pytest.raises(CytologiaInputError, match="nothing.pt"):
         load_detector(tmp_path / "nothing.pt")
@@ -40,6 +44,7 @@ def test_missing_checkpoint_is_named(tmp_path) -> None:
         create_detector("ultralytics", "yolo11n", checkpoint=tmp_path / "nothing.pt")
 
 
+@pytest.mark.ultralytics
 def test_init_weights_must_be_in_the_manifest(tmp_path) -> None:
     weights = tmp_path / "yolo11n.pt"
     weights.write_bytes(b"not registered")

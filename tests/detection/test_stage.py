@@ -25,6 +25,7 @@ from .conftest import compose_config
 
 
 # ------------------------------------------------------------------------------------------------ end to end
+@pytest.mark.ultralytics
 def test_stage_writes_weights_oof_boxes_and_metrics(smoke_run) -> None:
     run_dir = smoke_run.run_dir
     assert smoke_run.result["trained"] is True and smoke_run.result["folds"] == [0]
@@ -60,6 +61,7 @@ def test_stage_writes_weights_oof_boxes_and_metrics(smoke_run) -> None:
     assert fold0["train_seconds_per_epoch_per_100_images"] > 0
 
 
+@pytest.mark.ultralytics
 def test_misspelt_model_fails_before_any_work(tmp_path) -> None:
     cfg = check_config(compose_config("+exp=det_smoke", "detector.model=yolo11q", f"paths.data_dir={tmp_path}"))
     with pytest.raises(CytologiaInputError, match="yolo11n"):
@@ -77,6 +79,7 @@ def test_detector_ranges_are_checked(override: str, key: str) -> None:
         check_detector_config(cfg.detector)
 
 
+@pytest.mark.ultralytics
 def test_real_data_config_without_data_is_a_clear_error(tmp_path) -> None:
     cfg = check_config(compose_config("+exp=det_yolo11s_512", f"paths.data_dir={tmp_path}"))
     with pytest.raises(CytologiaInputError, match="train.csv"):
@@ -181,6 +184,7 @@ def test_known_count_equals_the_challenge_score_of_the_submission_it_implies() -
     assert ours == pytest.approx(reference, abs=1e-12)
 
 
+@pytest.mark.ultralytics
 def test_missing_init_weights_fail_before_any_work(tmp_path) -> None:
     cfg = check_config(
         compose_config(

@@ -11,9 +11,11 @@ import pandas as pd
 import pytest
 import torch
 
-from cytologia.data.errors import CytologiaInputError
-from cytologia.detection import DetectionData, load_detector
-from cytologia.detection.ultralytics_backend import (
+pytest.importorskip("ultralytics", reason="needs the ultralytics extra: pip install 'cytologia[ultralytics]'")
+
+from cytologia.data.errors import CytologiaInputError  # noqa: E402
+from cytologia.detection import DetectionData, load_detector  # noqa: E402
+from cytologia.detection.ultralytics_backend import (  # noqa: E402
     boxes_from_output,
     letterbox,
     offline_amp_check,

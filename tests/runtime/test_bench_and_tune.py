@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 import yaml
 
 from cytologia.classification.oof import make_oof_table, write_oof
@@ -18,6 +19,7 @@ from cytologia.ensemble import read_ensemble
 from cytologia.runtime.bench import save_random_classifier
 
 
+@pytest.mark.ultralytics
 def test_bench_pipeline_prints_its_table(tiny, tmp_path: Path, capsys) -> None:
     out = tmp_path / "bench.json"
     code = main(["bench", "pipeline", "--data", str(tiny.data), "--ensemble", str(tiny.ensemble_path), "--images",
@@ -73,6 +75,7 @@ def _run_folder(
     return run
 
 
+@pytest.mark.ultralytics
 def test_tune_then_predict(tiny, tmp_path: Path, capsys) -> None:
     rng = np.random.default_rng(0)
     n = 600

@@ -32,6 +32,7 @@ def _images(tiny) -> tuple[pd.DataFrame, list[Path], pd.Series]:
     return test, [tiny.data / "images" / n for n in names], test.groupby("NAME").size()
 
 
+@pytest.mark.ultralytics
 def test_predict_writes_a_valid_submission_that_scores(tiny, tmp_path: Path, capsys) -> None:
     out = tmp_path / "submission.csv"
     code = main(["predict", "--data", str(tiny.data), "--ensemble", str(tiny.ensemble_path), "--out", str(out),
@@ -50,6 +51,7 @@ def test_predict_writes_a_valid_submission_that_scores(tiny, tmp_path: Path, cap
     assert all(m["providers"][-1] == "CPUExecutionProvider" for m in report["members"][0]["models"])
 
 
+@pytest.mark.ultralytics
 def test_onnx_and_torch_runtimes_agree(tiny) -> None:
     test, paths, counts = _images(tiny)
     ens = tiny.ensemble()
@@ -77,6 +79,7 @@ def test_onnx_and_torch_runtimes_agree(tiny) -> None:
         assert np.abs(np.sort(da[:, 4])[-3:] - np.sort(db[:, 4])[-3:]).max() < 1e-4
 
 
+@pytest.mark.ultralytics
 def test_open_world_writes_per_image_outputs(tiny, tmp_path: Path) -> None:
     out = tmp_path / "sub.csv"
     code = main(["predict", "--data", str(tiny.data), "--ensemble", str(tiny.ensemble_path), "--out", str(out),
@@ -102,6 +105,7 @@ def test_open_world_writes_per_image_outputs(tiny, tmp_path: Path) -> None:
     assert len(json.loads(target.with_suffix(".json").read_text())["images"]) == 3
 
 
+@pytest.mark.ultralytics
 def test_multilabel_member_changes_single_cell_images_only(tiny, tmp_path: Path) -> None:
     ens = tiny.ensemble()
     ckpt = tmp_path / "ml.ckpt"
@@ -164,6 +168,7 @@ def test_submission_table_gives_each_id_one_box() -> None:
         submission_table(boxes.iloc[:2], test)
 
 
+@pytest.mark.ultralytics
 def test_predict_errors(tiny, tmp_path: Path) -> None:
     no_test = tmp_path / "no_test"
     (no_test / "images").mkdir(parents=True)
@@ -186,6 +191,7 @@ def test_predict_errors(tiny, tmp_path: Path) -> None:
     assert not (tmp_path / "s.csv").exists()
 
 
+@pytest.mark.ultralytics
 def test_yolox_detector_backend(tiny, tmp_path: Path) -> None:
     """A YOLOX detector runs through its own pre/post-processing, on both runtimes."""
     from cytologia.ensemble import read_ensemble

@@ -79,6 +79,7 @@ def test_int8_is_measured_not_assumed(small_graph: Path) -> None:
     assert not strict.accepted and none is None and strict.reason.startswith("refused")
 
 
+@pytest.mark.ultralytics
 def test_pipeline_int8_on_and_measured(tiny) -> None:
     import pandas as pd
 

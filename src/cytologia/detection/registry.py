@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -135,6 +136,34 @@ BACKENDS: dict[str, str | type[Detector]] = {
     "ultralytics": "cytologia.detection.ultralytics_backend:UltralyticsDetector",
     "yolox": "cytologia.detection.yolox.backend:YoloxDetector",
 }
+# backend -> (third-party package it needs, pip extra that installs it, that package's licence): a backend whose
+# package is absent says how to install it instead of failing with a bare ModuleNotFoundError
+OPTIONAL_PACKAGES: dict[str, tuple[str, str, str]] = {"ultralytics": ("ultralytics", "ultralytics", "AGPL-3.0")}
+
+
+def _installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # blocked by an import hook, or sys.modules[package] is None
+        return False
+
+
+def backend_available(backend: str) -> bool:
+    """Whether ``backend``'s optional third-party package (if any) is installed."""
+    need = OPTIONAL_PACKAGES.get(backend)
+    return need is None or _installed(need[0])
+
+
+def require_optional(backend: str) -> None:
+    """Raise a :class:`CytologiaInputError` naming the pip extra when ``backend``'s optional package is missing."""
+    need = OPTIONAL_PACKAGES.get(backend)
+    if need is None or _installed(need[0]):
+        return
+    package, extra, licence = need
+    raise CytologiaInputError(
+        f"detector backend {backend!r} needs the {package!r} package ({licence}), which is not installed: "
+        f"pip install 'cytologia[{extra}]' -- or use the Apache-2.0 backend: detector=yolox_s"
+    )
 
 
 def register_backend(name: str):  # noqa: ANN201  (a decorator)
@@ -159,6 +188,7 @@ def get_backend(name: str) -> type[Detector]:
     if entry is None:
         raise CytologiaInputError(f"unknown detector backend {name!r}{_closest(name, sorted(BACKENDS))}")
     if isinstance(entry, str):
+        require_optional(name)
         module, _, attr = entry.partition(":")
         entry = getattr(importlib.import_module(module), attr)
         entry.backend = name
@@ -167,8 +197,9 @@ def get_backend(name: str) -> type[Detector]:
 
 
 def list_detectors(backend: str | None = None) -> list[str]:
-    """``backend/model`` names that :func:`create_detector` builds (of one backend when given)."""
-    names = [backend] if backend is not None else sorted(BACKENDS)
+    """``backend/model`` names that :func:`create_detector` builds (of one backend when given; without one, of the
+    backends whose optional package is installed)."""
+    names = [backend] if backend is not None else [b for b in sorted(BACKENDS) if backend_available(b)]
     return [f"{b}/{m}" for b in names for m in get_backend(b).models()]
 
 

@@ -82,6 +82,9 @@ def save_random_detector(arch: str, checkpoint: Path, onnx: Path | None, img_siz
         backend = "yolox"
         save_checkpoint(checkpoint, build_yolox(arch), arch, img_size=img_size, epoch=0, metrics={}, train_args={})
     else:
+        from cytologia.detection.registry import require_optional
+
+        require_optional("ultralytics")
         from ultralytics.nn.tasks import DetectionModel
 
         import cytologia.detection.ultralytics_backend  # noqa: F401  (its offline set-up before ultralytics is used)

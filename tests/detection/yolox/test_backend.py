@@ -79,7 +79,15 @@ BLOCKED_RUN = textwrap.dedent(
     images = sorted((base / "data" / "synthetic" / "images").glob("*.jpg"))[:2]
     n_onnx = len(OnnxYolox(onnx_path).predict(images, img_size=64, conf=0.0))
     blocked = [m for m in sys.modules if m == "ultralytics" or m.startswith("ultralytics.")]
-    print(json.dumps({"oof": result["oof_known_count_giou"], "n_onnx": n_onnx, "loaded": blocked}))
+    from cytologia.data.errors import CytologiaInputError
+    from cytologia.detection import get_backend, list_detectors
+    try:
+        get_backend("ultralytics")
+        hint = ""
+    except CytologiaInputError as err:
+        hint = str(err)
+    print(json.dumps({"oof": result["oof_known_count_giou"], "n_onnx": n_onnx, "loaded": blocked,
+                      "listed": sorted({n.split("/")[0] for n in list_detectors()}), "hint": hint}))
     """
 )
 
@@ -93,6 +101,8 @@ def test_stage_runs_with_ultralytics_not_importable(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["loaded"] == []
+    assert summary["listed"] == ["yolox"]  # the absent backend is not listed ...
+    assert "pip install 'cytologia[ultralytics]'" in summary["hint"]  # ... and asking for it says how to install it
     assert set(summary["oof"]) == {"yolox_nano_64", "yolox_nano_64+hflip"}
     assert all(0.0 <= v <= 1.0 for v in summary["oof"].values())
     assert summary["n_onnx"] > 0
