@@ -50,3 +50,12 @@ def test_toy_pipeline_end_to_end_and_resume(tmp_path: Path) -> None:
     before = (run_dir / "predict" / "submission.csv").stat().st_mtime_ns
     train(cfg, run_dir=run_dir)
     assert (run_dir / "predict" / "submission.csv").stat().st_mtime_ns == before
+
+
+def test_single_stage_budget_matches_the_two_stage_training_time() -> None:
+    from cytologia.pipeline import single_stage_budget
+
+    times = {"data": 5.0, "detector": 120.0, "clean": 1.0, "classifier a": 60.0, "classifier b": 30.0, "predict": 9.0}
+    assert single_stage_budget(times, 3.0, match=True) == pytest.approx(3.5)  # (120 + 60 + 30) s, nothing else
+    assert single_stage_budget(times, 3.0, match=False) == 3.0
+    assert single_stage_budget({"data": 5.0}, 3.0, match=True) == 3.0  # nothing trained recorded: the configured one

@@ -136,6 +136,9 @@ class SingleStageConfig:
     img_size: int = 256
     epochs: int = 30
     time_min: float = 3.0  # wall-clock budget of its training (ultralytics' `time`), minutes
+    # true: time_min is replaced by the wall time the two-stage pipeline spent training in this run (detector +
+    # classifiers, from stage_times.json), so both approaches get the same budget on whatever machine runs them
+    match_budget: bool = False
     batch_size: int = 16
     train_args: dict = field(default_factory=dict)  # extra ultralytics train arguments (nbs, warmup_epochs, ...)
 

@@ -164,9 +164,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, object]:
     ss = p.single_stage
     ss_dir = run_dir / "baselines" / "single_stage"
     if ss.enabled:
+        budget_min = single_stage_budget(steps.times, float(ss.time_min), bool(ss.match_budget))
         steps("single-stage baseline", ss_dir / "submission.csv", lambda: _cli(
             "single-stage", "--data", root, "--out", ss_dir, "--model", ss.model, "--epochs", ss.epochs,
-            "--time-min", ss.time_min, "--img-size", ss.img_size, "--batch-size", ss.batch_size, "--workers", 0,
+            "--time-min", budget_min, "--img-size", ss.img_size, "--batch-size", ss.batch_size, "--workers", 0,
             "--folds-k", cfg.folds.k,
             *[a for k, v in ss.train_args.items() for a in ("--train-arg", f"{k}={v}")],
         ))  # fmt: skip
@@ -179,6 +180,22 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, object]:
     total = sum(steps.times.values())
     print(f"pipeline done in {total / 60:.1f} min (sum of stage times): score {line}; report: {report_dir}/index.html")
     return {"scores": scores, "stage_times": steps.times, "report": str(report_dir)}
+
+
+def single_stage_budget(times: dict[str, float], time_min: float, match: bool) -> float:
+    """Training minutes of the single-stage baseline: ``time_min``, or with ``match`` the wall time this run spent
+    training the two-stage models (the ``detector`` and ``classifier *`` steps of ``times``) -- the same budget for
+    both approaches on whatever machine runs them. Without recorded training times, ``time_min`` (with a warning)."""
+    if not match:
+        return time_min
+    trained = {k: v for k, v in times.items() if k == "detector" or k.startswith("classifier ")}
+    if sum(trained.values()) <= 0:
+        log.warning("no two-stage training times in %s: single-stage budget time_min=%s", TIMES_FILE, time_min)
+        return time_min
+    budget = round(sum(trained.values()) / 60.0, 3)
+    log.info("single-stage budget %.2f min = the two-stage training time of this run (%s)", budget,
+             " + ".join(f"{k} {v:.0f} s" for k, v in trained.items()))  # fmt: skip
+    return budget
 
 
 def _detector(cfg: DictConfig, out: Path) -> None:

@@ -275,6 +275,7 @@ def train_single_stage(
         UltralyticsDetector,
         _amp_check_offline,
         _history,
+        keep_torch_threads,
         resolve_device,
         write_yolo_dataset,
     )
@@ -329,7 +330,7 @@ def train_single_stage(
     clock: dict[str, float] = {}
     yolo.add_callback("on_train_epoch_start", lambda _t: clock.__setitem__("start", time.perf_counter()))
     yolo.add_callback("on_train_epoch_end", lambda _t: epoch_seconds.append(time.perf_counter() - clock["start"]))
-    with _amp_check_offline():
+    with _amp_check_offline(), keep_torch_threads(yolo, int(args["workers"])):
         yolo.train(trainer=_trainer_class(pad_class), **args)
     save_dir = Path(yolo.trainer.save_dir)
     best = save_dir / "weights" / "best.pt"

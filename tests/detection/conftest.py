@@ -63,6 +63,7 @@ class SmokeRun:
     data_dir: Path
     result: dict
     attempts: list[str] = field(default_factory=list)
+    threads: tuple[int, int] = (0, 0)  # torch's thread count set before training, and found after it
 
     @property
     def checkpoint(self) -> Path:
@@ -78,6 +79,15 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
         "+exp=det_smoke", f"paths.data_dir={base / 'data'}", f"paths.output_dir={base / 'outputs'}",
         f"paths.cache_dir={base / 'cache'}", "fold=0",
     )  # fmt: skip
-    with network_guard() as attempts:
-        result = train(cfg, run_dir=base / "run")
-    return SmokeRun(base / "run", base / "data" / "synthetic", result, list(attempts))
+    import torch
+    from ultralytics.utils import NUM_THREADS  # what ultralytics' select_device sets torch's thread count to
+
+    caller = torch.get_num_threads()
+    torch.set_num_threads(NUM_THREADS + 1)  # a count ultralytics would overwrite
+    try:
+        with network_guard() as attempts:
+            result = train(cfg, run_dir=base / "run")
+        threads = (NUM_THREADS + 1, torch.get_num_threads())
+    finally:
+        torch.set_num_threads(caller)
+    return SmokeRun(base / "run", base / "data" / "synthetic", result, list(attempts), threads)

@@ -145,6 +145,11 @@ def test_predict_names_and_batches_agree(smoke_run) -> None:
     np.testing.assert_allclose(top_one, top_three, atol=1e-5)
 
 
+def test_training_leaves_torch_thread_count_as_it_was(smoke_run) -> None:
+    set_before, found_after = smoke_run.threads
+    assert found_after == set_before  # ultralytics' select_device would leave it at cpu_count - 1
+
+
 def test_training_can_start_from_registered_local_weights(smoke_run, tmp_path: Path) -> None:
     from ultralytics.nn.tasks import load_checkpoint
 

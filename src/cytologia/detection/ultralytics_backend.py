@@ -144,6 +144,24 @@ def offline_amp_check(model: torch.nn.Module) -> bool:
 
 
 @contextlib.contextmanager
+def keep_torch_threads(yolo: Any, workers: int) -> Iterator[None]:
+    """Undo ultralytics' process-wide thread setting around a training run.
+
+    Its ``select_device`` sets torch's thread count to ``cpu_count - 1`` (a core left to the data-loading workers)
+    and never sets it back: on a 2-core machine every later step of the process, our classifiers included, then runs
+    on one thread. With ``workers=0`` there is no loader to leave a core to, so training gets the caller's count back
+    (callbacks right after ultralytics sets it); the caller's count is restored afterwards in every case."""
+    before = torch.get_num_threads()
+    if workers == 0:
+        for event in ("on_pretrain_routine_start", "on_train_start"):
+            yolo.add_callback(event, lambda _trainer: torch.set_num_threads(before))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
 def _amp_check_offline() -> Iterator[None]:
     """Replace ultralytics' AMP check (it downloads weights) by :func:`offline_amp_check` while training."""
     import ultralytics.engine.trainer as trainer_module
@@ -563,7 +581,7 @@ class UltralyticsDetector(Detector):
         clock: dict[str, float] = {}
         yolo.add_callback("on_train_epoch_start", lambda _t: clock.__setitem__("start", time.perf_counter()))
         yolo.add_callback("on_train_epoch_end", lambda _t: epoch_seconds.append(time.perf_counter() - clock["start"]))
-        with _amp_check_offline():
+        with _amp_check_offline(), keep_torch_threads(yolo, int(args["workers"])):
             yolo.train(trainer=KnownCountTrainer, **args)
         trainer = yolo.trainer
         save_dir = Path(trainer.save_dir)
