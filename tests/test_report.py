@@ -72,7 +72,9 @@ def test_report_writes_every_part_and_links_resolve(data: Path, tmp_path: Path) 
     index = write_report(
         out, truth, pred, sources=data / "sources.csv", image_dir=data / "images", folds=folds, train=train,
         cleaning_report=cleaning, stage_times={"detector": 61.0, "classifier": 120.0}, config={"seed": 1, "k": 2},
-        extra_scores={"null": null, "single-stage": {"score": 0.5, "giou": 0.7, "f1": 0.45}}, name="two-stage",
+        extra_scores={"null": null, "single-stage": {"score": 0.5, "giou": 0.7, "f1": 0.45},
+                      "two-stage": score(truth, pred)},  # the run itself among the others (as the pipeline passes it)
+        name="two-stage",
     )  # fmt: skip
     assert index == out / "index.html"
     expected = {
@@ -179,6 +181,9 @@ def test_bad_inputs_name_the_problem(tmp_path: Path) -> None:
         write_report(tmp_path / "r", truth, truth, sources=pd.DataFrame({"NAME": ["a"]}))
     with pytest.raises(CytologiaInputError, match="lacks f1"):
         write_report(tmp_path / "r", truth, truth, extra_scores={"x": {"score": 1.0, "giou": 1.0}})
+    with pytest.raises(CytologiaInputError, match="own name but not its score"):
+        write_report(tmp_path / "r", truth, truth, extra_scores={"run": {"score": 0.5, "giou": 1.0, "f1": 0.4}},
+                     name="run")  # fmt: skip
     with pytest.raises(CytologiaInputError, match="no such file"):
         write_report(tmp_path / "r", tmp_path / "missing.csv", truth)
     with pytest.raises(CytologiaInputError, match=r"row 2 \('x'\)"):

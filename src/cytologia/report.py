@@ -464,6 +464,13 @@ def write_report(
     result = score(truth_t, pred_t)
     source_of = _sources(sources) if sources is not None else None
     extras = {str(k): _score_summary(v, str(k)) for k, v in (extra_scores or {}).items()}
+    if name in extras:  # the run itself listed among the others: one bar, and it must be the same result
+        own = extras.pop(name)
+        if abs(own["score"] - result.score) > 1e-9:
+            raise CytologiaInputError(
+                f"extra score {name!r} ({own['score']:.6f}) has the report's own name but not its score "
+                f"({result.score:.6f}): rename one of them"
+            )
     folds_t = _table(folds, "folds") if folds is not None else None
     train_t = _table(train, "annotations") if folds is not None and train is not None else None
     counts_t = fold_counts(folds_t, train_t) if folds_t is not None else None
