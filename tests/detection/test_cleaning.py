@@ -163,6 +163,16 @@ def test_yaml_defaults_equal_the_dataclass() -> None:
     assert set(yaml.safe_load(path.read_text())) == set(CleaningConfig().as_dict())
 
 
+def test_every_cleaning_preset_loads_and_names_every_key() -> None:
+    presets = sorted((ROOT / "configs" / "cleaning").glob("*.yaml"))
+    assert len(presets) >= 2
+    for path in presets:
+        CleaningConfig.from_yaml(path)  # unknown keys, bad values and bad actions are errors
+        assert set(yaml.safe_load(path.read_text())) == set(CleaningConfig().as_dict()), path.name
+    short = CleaningConfig.from_yaml(ROOT / "configs" / "cleaning" / "short_cpu.yaml")
+    assert short.confirm_score < CleaningConfig().confirm_score and short.misplaced_action == "keep"
+
+
 # ------------------------------------------------------------------------------------------------------ evaluation
 NOISE = pd.DataFrame(
     [
