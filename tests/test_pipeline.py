@@ -59,3 +59,16 @@ def test_single_stage_budget_matches_the_two_stage_training_time() -> None:
     assert single_stage_budget(times, 3.0, match=True) == pytest.approx(3.5)  # (120 + 60 + 30) s, nothing else
     assert single_stage_budget(times, 3.0, match=False) == 3.0
     assert single_stage_budget({"data": 5.0}, 3.0, match=True) == 3.0  # nothing trained recorded: the configured one
+
+
+def test_cleaning_config_resolves_from_the_project_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cytologia.data.errors import CytologiaInputError
+    from cytologia.pipeline import cleaning_config_path
+
+    monkeypatch.chdir(tmp_path)  # not the project root: the relative name resolves against the project
+    assert cleaning_config_path("configs/cleaning/short_cpu.yaml") == CONFIGS / "cleaning" / "short_cpu.yaml"
+    own = tmp_path / "mine.yaml"
+    own.write_text("confirm_score: 0.1\n")
+    assert cleaning_config_path("mine.yaml") == Path("mine.yaml")  # a file where you run from wins
+    with pytest.raises(CytologiaInputError, match="pipeline.cleaning_config='nope.yaml': no such file"):
+        cleaning_config_path("nope.yaml")

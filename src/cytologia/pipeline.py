@@ -124,7 +124,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, object]:
     steps("detector", det_dir / "oof_boxes.csv", lambda: _detector(cfg, det_dir))
     clean_dir = run_dir / "clean"
     if p.clean:
-        settings = ["--config", p.cleaning_config] if p.cleaning_config else []
+        settings = ["--config", cleaning_config_path(p.cleaning_config)] if p.cleaning_config else []
         steps("clean", clean_dir / "train_clean.csv", lambda: _cli(
             "clean", "--data", root, "--boxes", det_dir / "oof_boxes.csv", "--out", clean_dir, *settings,
         ))  # fmt: skip
@@ -180,6 +180,20 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, object]:
     total = sum(steps.times.values())
     print(f"pipeline done in {total / 60:.1f} min (sum of stage times): score {line}; report: {report_dir}/index.html")
     return {"scores": scores, "stage_times": steps.times, "report": str(report_dir)}
+
+
+def cleaning_config_path(value: str) -> Path:
+    """The cleaning settings file ``pipeline.cleaning_config`` names: as given (absolute, or relative to the directory
+    you run from, like every path of the configuration), else relative to the project's root, so that
+    ``configs/cleaning/short_cpu.yaml`` also works from another directory."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path
+    in_project = Path(__file__).resolve().parents[2] / path
+    if not path.is_absolute() and in_project.is_file():
+        return in_project
+    raise CytologiaInputError(f"config key pipeline.cleaning_config={value!r}: no such file (tried {path.resolve()}"
+                              + ("" if path.is_absolute() else f" and {in_project}") + ")")  # fmt: skip
 
 
 def single_stage_budget(times: dict[str, float], time_min: float, match: bool) -> float:
