@@ -20,8 +20,9 @@ from cytologia.data.errors import CytologiaInputError  # noqa: E402
 from cytologia.data.io import read_submission, read_test, validate_submission  # noqa: E402
 from cytologia.data.schema import CLASSES  # noqa: E402
 from cytologia.data.synthetic.generate import SynthConfig, generate  # noqa: E402
+from cytologia.detection.letterbox import letterbox  # noqa: E402
 from cytologia.detection.registry import DetectionData  # noqa: E402
-from cytologia.detection.ultralytics_backend import boxes_from_output, letterbox, write_yolo_dataset  # noqa: E402
+from cytologia.detection.ultralytics_backend import boxes_from_output, write_yolo_dataset  # noqa: E402
 from cytologia.single_stage import SingleStageSettings, known_count_submission, prior_class  # noqa: E402
 
 

@@ -175,10 +175,9 @@ def known_count_submission(
 def _trainer_class(pad_class: str) -> type:
     """ultralytics trainer whose validator selects checkpoints on the challenge score, padding with ``pad_class``
     (built lazily: importing this module does not import ultralytics)."""
-    from ultralytics.utils import RANK
     from ultralytics.utils.nms import non_max_suppression
 
-    from cytologia.detection.ultralytics_backend import KnownCountTrainer, KnownCountValidator
+    from cytologia.detection.ultralytics_backend import KnownCountTrainer, KnownCountValidator, gather_on_rank0
     from cytologia.metrics import score
 
     class ScoreValidator(KnownCountValidator):
@@ -207,17 +206,7 @@ def _trainer_class(pad_class: str) -> type:
 
         def gather_stats(self) -> None:
             super().gather_stats()
-            if RANK == -1:
-                return
-            import torch.distributed as dist
-
-            if RANK == 0:
-                parts: list[Any] = [None] * dist.get_world_size()
-                dist.gather_object(self._classes, parts, dst=0)
-                self._classes = [x for part in parts for x in part]
-            else:
-                dist.gather_object(self._classes, None, dst=0)
-                self._classes = []
+            self._classes = gather_on_rank0(self._classes)
 
         def challenge_score(self) -> Any:
             """The :class:`~cytologia.metrics.ScoreResult` of the images seen since :meth:`init_metrics` (None

@@ -15,11 +15,10 @@ pytest.importorskip("ultralytics", reason="needs the ultralytics extra: pip inst
 
 from cytologia.data.errors import CytologiaInputError  # noqa: E402
 from cytologia.detection import DetectionData, load_detector  # noqa: E402
+from cytologia.detection.letterbox import letterbox, to_input  # noqa: E402
 from cytologia.detection.ultralytics_backend import (  # noqa: E402
     boxes_from_output,
-    letterbox,
     offline_amp_check,
-    to_input,
     write_yolo_dataset,
 )
 

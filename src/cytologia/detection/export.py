@@ -150,7 +150,7 @@ def verify_onnx(
 ) -> ParityReport:
     """Compare ONNX Runtime with torch on ``images`` (raw outputs and boxes after NMS), CPU, fp32."""
     from cytologia.data.images import decode
-    from cytologia.detection.ultralytics_backend import letterbox, to_input
+    from cytologia.detection.letterbox import letterbox, to_input
 
     if not images:
         raise CytologiaInputError("ONNX verification needs at least one image")

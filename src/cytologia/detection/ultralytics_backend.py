@@ -38,11 +38,9 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from copy import copy
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import pandas as pd
 import torch
@@ -57,8 +55,9 @@ from ultralytics.utils.nms import non_max_suppression
 
 # importing this module imported cytologia first, which set the offline environment before ultralytics was imported
 from cytologia.data.errors import CytologiaInputError
-from cytologia.data.images import decode, image_sizes, resolve_image, thread_map
+from cytologia.data.images import image_sizes, resolve_image
 from cytologia.data.schema import BOX_COLUMNS
+from cytologia.detection.letterbox import Frame, detect_in_batches, to_image_pixels
 from cytologia.detection.oof import known_count_giou
 from cytologia.detection.registry import (
     CLASS_NAME,
@@ -78,7 +77,6 @@ tame_ultralytics()  # PIL.Image.open must keep raising UnidentifiedImageError, w
 # Families with an NMS-free end-to-end head (v10, 26) are left out: their output layout differs.
 FAMILIES: dict[str, str] = {"yolov8": "v8/yolov8.yaml", "yolo11": "11/yolo11.yaml", "yolo12": "12/yolo12.yaml"}
 KC_METRIC = "metrics/known_count_giou"  # key of the selection metric in ultralytics' results
-PAD_VALUE = 114  # ultralytics' letterbox grey
 # Candidates (highest scores) that enter NMS. Greedy NMS decides a box by the higher-scoring ones only, so the kept
 # boxes are exactly the full run's kept boxes of rank <= MAX_NMS; at conf 0.001 a 512 px input has ~4,000
 # candidates and NMS over all of them costs ~2x (60 vs 33 ms on 2 CPU cores).
@@ -319,6 +317,21 @@ def write_yolo_dataset(data: DetectionData, class_names: Sequence[str] | None = 
 
 
 # ---------------------------------------------------------------------------------- training: selection metric
+def gather_on_rank0(items: list[Any]) -> list[Any]:
+    """Under DDP, every rank's ``items`` concatenated on rank 0 (the other ranks get an empty list); in a single
+    process, ``items`` as they are."""
+    if RANK == -1:
+        return items
+    import torch.distributed as dist
+
+    if RANK == 0:
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.gather_object(items, parts, dst=0)
+        return [x for part in parts for x in part]
+    dist.gather_object(items, None, dst=0)
+    return []
+
+
 class KnownCountValidator(DetectionValidator):
     """ultralytics' detection validator that also scores the challenge's box term (known-count rescaled GIoU) on
     the validation images, in each image's own pixel frame, and returns it as ``fitness``."""
@@ -351,17 +364,7 @@ class KnownCountValidator(DetectionValidator):
 
     def gather_stats(self) -> None:
         super().gather_stats()
-        if RANK == -1:
-            return
-        import torch.distributed as dist
-
-        if RANK == 0:
-            parts: list[Any] = [None] * dist.get_world_size()
-            dist.gather_object(self._kc, parts, dst=0)
-            self._kc = [x for part in parts for x in part]
-        else:
-            dist.gather_object(self._kc, None, dst=0)
-            self._kc = []
+        self._kc = gather_on_rank0(self._kc)
 
     def known_count_giou(self) -> float:
         """The box term over the images seen since :meth:`init_metrics` (NaN without truth boxes)."""
@@ -400,42 +403,8 @@ def _history(results_csv: Path) -> list[dict[str, float]]:
 
 
 # ------------------------------------------------------------------------------------------------------ inference
-@dataclass(frozen=True)
-class Letterbox:
-    """How an image was put into the square network input: per-axis gain, padding (px) and its own size."""
-
-    gain_x: float
-    gain_y: float
-    pad_x: int
-    pad_y: int
-    width: int
-    height: int
-
-
-def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
-    """Resize ``image`` (H, W, 3) to fit a ``size`` square keeping its aspect, centred on grey 114 (ultralytics'
-    LetterBox rounding, so boxes map back as its ``scale_boxes`` does)."""
-    h, w = image.shape[:2]
-    gain = min(size / h, size / w)
-    new_w, new_h = max(round(w * gain), 1), max(round(h * gain), 1)
-    if (new_w, new_h) != (w, h):
-        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    pad_x, pad_y = round((size - new_w) / 2 - 0.1), round((size - new_h) / 2 - 0.1)
-    out = np.full((size, size, 3), PAD_VALUE, dtype=np.uint8)
-    out[pad_y : pad_y + new_h, pad_x : pad_x + new_w] = image
-    return out, Letterbox(new_w / w, new_h / h, pad_x, pad_y, w, h)
-
-
-def to_input(batch: list[np.ndarray], flip: bool = False) -> np.ndarray:
-    """BGR uint8 squares -> the network input: float32 (B, 3, S, S) RGB in [0, 1], mirrored left-right if ``flip``."""
-    x = np.stack(batch)[..., ::-1]  # BGR -> RGB
-    if flip:
-        x = x[:, :, ::-1]
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
-
-
 def boxes_from_output(
-    raw: torch.Tensor | np.ndarray, frames: list[Letterbox], size: int, *, conf: float, iou: float, max_det: int,
+    raw: torch.Tensor | np.ndarray, frames: list[Frame], size: int, *, conf: float, iou: float, max_det: int,
     flipped: bool = False, with_class: bool = False,
 ) -> list[np.ndarray]:  # fmt: skip
     """Raw head output (B, 4 + nc, anchors: centre-size boxes in input pixels, class scores) -> per image an (n, 5)
@@ -451,12 +420,7 @@ def boxes_from_output(
     )
     out = []
     for det, f in zip(dets, frames):
-        d = det[:, : 6 if with_class else 5].cpu().numpy().astype(np.float64)
-        if flipped:
-            d[:, [0, 2]] = size - d[:, [2, 0]]
-        d[:, [0, 2]] = np.clip((d[:, [0, 2]] - f.pad_x) / f.gain_x, 0, f.width)
-        d[:, [1, 3]] = np.clip((d[:, [1, 3]] - f.pad_y) / f.gain_y, 0, f.height)
-        out.append(d)
+        out.append(to_image_pixels(det[:, : 6 if with_class else 5].cpu().numpy().astype(np.float64), f, size, flipped))
     return out
 
 
@@ -477,29 +441,20 @@ def detect_images(
     """Run ``forward`` (network input -> raw head output) over ``images`` in batches; a :data:`PREDICT_COLUMNS`
     table. Decoding runs in ``workers`` threads; an unreadable image is an error naming it. ``with_class`` (a
     multi-class head, see :func:`boxes_from_output`): one more column, ``cls`` (int64 class index), before ``tta``."""
-    paths = [Path(p) for p in images]
-    names = [p.name for p in paths] if names is None else [str(n) for n in names]
-    if len(names) != len(paths):
-        raise CytologiaInputError(f"{len(names)} names for {len(paths)} images")
-    rows: list[tuple] = []
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        boxed = thread_map(lambda p: letterbox(decode(p), img_size), chunk, workers)
-        squares, frames = [b[0] for b in boxed], [b[1] for b in boxed]
-        for flip in (False, True) if tta_flip else (False,):
-            raw = forward(to_input(squares, flip))
-            dets = boxes_from_output(
-                raw, frames, img_size, conf=conf, iou=iou, max_det=max_det, flipped=flip, with_class=with_class
-            )
-            tag = "hflip" if flip else "none"
-            for name, d in zip(names[start : start + batch_size], dets):
-                rows += [(name, *r, tag) for r in d.tolist()]
     columns = [*PREDICT_COLUMNS[:-1], "cls", PREDICT_COLUMNS[-1]] if with_class else list(PREDICT_COLUMNS)
-    table = pd.DataFrame(rows, columns=columns)
     types: dict[str, Any] = {c: np.float64 for c in (*BOX_COLUMNS, "score")}
     if with_class:
         types["cls"] = np.int64
-    return table.astype(types)
+
+    def decode_output(raw: Any, frames: list[Frame], flipped: bool) -> list[np.ndarray]:
+        return boxes_from_output(
+            raw, frames, img_size, conf=conf, iou=iou, max_det=max_det, flipped=flipped, with_class=with_class
+        )
+
+    return detect_in_batches(
+        forward, decode_output, images, names, img_size=img_size, tta_flip=tta_flip, batch_size=batch_size,
+        workers=workers, columns=columns, types=types,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------- backend

@@ -100,13 +100,14 @@ def _export_detector_bytes(checkpoint: Path, img_size: int, backend: str) -> byt
 
 def detector_ops(backend: str) -> tuple[Callable, Callable, Callable]:
     """``(letterbox, to_input, boxes_from_output)`` of a detector backend: the pre- and post-processing its own
-    ``predict`` uses (both backends emit the same raw layout, (B, 5, anchors) centre-size boxes and a score, but each
-    keeps its own functions, so the pipeline follows whichever the ensemble names)."""
+    ``predict`` uses (the letterbox and input are shared, :mod:`cytologia.detection.letterbox`; both backends emit the
+    same raw layout, (B, 5, anchors) centre-size boxes and a score, but each decodes it with its own NMS)."""
+    from cytologia.detection.letterbox import letterbox, to_input
+
     if backend == "ultralytics":
-        from cytologia.detection.ultralytics_backend import boxes_from_output, letterbox, to_input
+        from cytologia.detection.ultralytics_backend import boxes_from_output
     elif backend == "yolox":
-        from cytologia.detection.yolox.augment import letterbox
-        from cytologia.detection.yolox.infer import boxes_from_output, to_input
+        from cytologia.detection.yolox.infer import boxes_from_output
     else:
         raise CytologiaInputError(f"detector backend {backend!r}: the pipeline knows ultralytics and yolox")
     return letterbox, to_input, boxes_from_output

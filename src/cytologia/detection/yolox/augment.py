@@ -32,37 +32,7 @@ import numpy as np
 import torch
 
 from cytologia.data.images import decode
-
-PAD_VALUE = 114  # grey of padding and of the mosaic canvas (what prediction pads with)
-
-
-@dataclass(frozen=True)
-class Frame:
-    """How an image was put into the square network input: per-axis gain, padding (px) and its own size."""
-
-    gain_x: float
-    gain_y: float
-    pad_x: int
-    pad_y: int
-    width: int
-    height: int
-
-
-def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, Frame]:
-    """Resize ``image`` (H, W, 3) to fit a ``size`` square keeping its aspect, centred on grey 114.
-
-    Rounding: new side ``round(side * gain)``, padding ``round((size - new) / 2 - 0.1)`` -- the ultralytics
-    backend's letterbox, so both backends see an image identically.
-    """
-    h, w = image.shape[:2]
-    gain = min(size / h, size / w)
-    new_w, new_h = max(round(w * gain), 1), max(round(h * gain), 1)
-    if (new_w, new_h) != (w, h):
-        image = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-    pad_x, pad_y = round((size - new_w) / 2 - 0.1), round((size - new_h) / 2 - 0.1)
-    out = np.full((size, size, 3), PAD_VALUE, dtype=np.uint8)
-    out[pad_y : pad_y + new_h, pad_x : pad_x + new_w] = image
-    return out, Frame(new_w / w, new_h / h, pad_x, pad_y, w, h)
+from cytologia.detection.letterbox import PAD_VALUE, Frame, letterbox
 
 
 def to_frame(boxes: np.ndarray, frame: Frame) -> np.ndarray:

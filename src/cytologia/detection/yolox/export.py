@@ -25,9 +25,9 @@ from cytologia.data.errors import CytologiaInputError
 from cytologia.data.images import decode
 from cytologia.data.schema import BOX_COLUMNS
 from cytologia.detection.export import BOX_ATOL_PX, RAW_BOX_ATOL_PX, RAW_SCORE_ATOL, ParityReport
+from cytologia.detection.letterbox import letterbox, to_input
 from cytologia.detection.registry import Detector
-from cytologia.detection.yolox.augment import letterbox
-from cytologia.detection.yolox.infer import detect_images, to_input
+from cytologia.detection.yolox.infer import detect_images
 from cytologia.detection.yolox.model import YoloxInference
 
 DEFAULT_OPSET = 17

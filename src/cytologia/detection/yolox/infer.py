@@ -16,24 +16,14 @@ import pandas as pd
 import torch
 import torchvision
 
-from cytologia.data.errors import CytologiaInputError
-from cytologia.data.images import decode, thread_map
 from cytologia.data.schema import BOX_COLUMNS
+from cytologia.detection.letterbox import Frame, detect_in_batches, to_image_pixels
 from cytologia.detection.registry import PREDICT_COLUMNS
-from cytologia.detection.yolox.augment import Frame, letterbox
 
 # Candidates (highest scores) that enter NMS. Greedy NMS decides a box by the higher-scoring ones only, so the kept
 # boxes are exactly those of a run over all candidates that rank <= MAX_NMS; at conf 0.001 an untrained network
 # passes thousands of candidates and NMS over all of them only costs time.
 MAX_NMS = 1000
-
-
-def to_input(batch: Sequence[np.ndarray], flip: bool = False) -> np.ndarray:
-    """BGR uint8 squares -> the network input: float32 (B, 3, S, S) RGB in [0, 1], mirrored left-right if ``flip``."""
-    x = np.stack(batch)[..., ::-1]  # BGR -> RGB
-    if flip:
-        x = x[:, :, ::-1]
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
 
 
 def nms_boxes(raw: torch.Tensor | np.ndarray, *, conf: float, iou: float, max_det: int) -> list[torch.Tensor]:
@@ -59,12 +49,7 @@ def boxes_from_output(
     un-mirrored when the input was ``flipped``, clipped to the image)."""
     out = []
     for det, f in zip(nms_boxes(raw, conf=conf, iou=iou, max_det=max_det), frames):
-        d = det.cpu().numpy().astype(np.float64)
-        if flipped:
-            d[:, [0, 2]] = size - d[:, [2, 0]]
-        d[:, [0, 2]] = np.clip((d[:, [0, 2]] - f.pad_x) / f.gain_x, 0, f.width)
-        d[:, [1, 3]] = np.clip((d[:, [1, 3]] - f.pad_y) / f.gain_y, 0, f.height)
-        out.append(d)
+        out.append(to_image_pixels(det.cpu().numpy().astype(np.float64), f, size, flipped))
     return out
 
 
@@ -83,22 +68,11 @@ def detect_images(
 ) -> pd.DataFrame:
     """Run ``forward`` over ``images`` in batches; a :data:`~cytologia.detection.registry.PREDICT_COLUMNS` table
     (``tta`` = ``"none"``, or ``"hflip"`` for the mirrored pass). An unreadable image is an error naming it."""
-    paths = [Path(p) for p in images]
-    names = [p.name for p in paths] if names is None else [str(n) for n in names]
-    if len(names) != len(paths):
-        raise CytologiaInputError(f"{len(names)} names for {len(paths)} images")
-    if batch_size < 1:
-        raise CytologiaInputError(f"batch_size={batch_size} must be >= 1")
-    rows: list[tuple] = []
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start : start + batch_size]
-        boxed = thread_map(lambda p: letterbox(decode(p), img_size), chunk, workers)
-        squares, frames = [b[0] for b in boxed], [b[1] for b in boxed]
-        for flip in (False, True) if tta_flip else (False,):
-            raw = forward(to_input(squares, flip))
-            dets = boxes_from_output(raw, frames, img_size, conf=conf, iou=iou, max_det=max_det, flipped=flip)
-            tag = "hflip" if flip else "none"
-            for name, d in zip(names[start : start + batch_size], dets):
-                rows += [(name, *r, tag) for r in d.tolist()]
-    table = pd.DataFrame(rows, columns=list(PREDICT_COLUMNS))
-    return table.astype({c: np.float64 for c in (*BOX_COLUMNS, "score")})
+    return detect_in_batches(
+        forward,
+        lambda raw, frames, flipped: boxes_from_output(
+            raw, frames, img_size, conf=conf, iou=iou, max_det=max_det, flipped=flipped
+        ),
+        images, names, img_size=img_size, tta_flip=tta_flip, batch_size=batch_size, workers=workers,
+        columns=PREDICT_COLUMNS, types={c: np.float64 for c in (*BOX_COLUMNS, "score")},
+    )  # fmt: skip
