@@ -24,7 +24,7 @@ import torch
 from cytologia.data.errors import CytologiaInputError
 from cytologia.data.images import decode
 from cytologia.data.schema import BOX_COLUMNS
-from cytologia.detection.export import BOX_ATOL_PX, RAW_BOX_ATOL_PX, RAW_SCORE_ATOL, ParityReport
+from cytologia.detection.export import BOX_ATOL_PX, RAW_BOX_ATOL_PX, RAW_SCORE_ATOL, OnnxDetector, ParityReport
 from cytologia.detection.letterbox import letterbox, to_input
 from cytologia.detection.registry import Detector
 from cytologia.detection.yolox.infer import detect_images
@@ -54,30 +54,9 @@ def export_onnx(net: YoloxInference, path: str | Path, img_size: int, opset: int
     return path
 
 
-class OnnxYolox:
-    """An exported YOLOX run by ONNX Runtime; ``predict`` gives the torch detector's table for the same images."""
-
-    def __init__(self, path: str | Path, threads: int | None = None, providers: Sequence[str] | None = None) -> None:
-        import onnxruntime as ort
-
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise CytologiaInputError(f"{self.path}: ONNX file not found")
-        options = ort.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        try:
-            self.session = ort.InferenceSession(
-                str(self.path), options, providers=list(providers or ["CPUExecutionProvider"])
-            )
-        except Exception as err:  # onnxruntime raises its own exception types for unreadable graphs
-            raise CytologiaInputError(f"{self.path}: not a loadable ONNX model ({err})") from err
-        self.input_name = self.session.get_inputs()[0].name
-
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        """Network input (float32 (B, 3, S, S)) -> raw output (B, 5, anchors)."""
-        return self.session.run(None, {self.input_name: x})[0]
+class OnnxYolox(OnnxDetector):
+    """An exported YOLOX run by ONNX Runtime (session set up as :class:`~cytologia.detection.export.OnnxDetector`);
+    ``predict`` gives the torch detector's table for the same images, decoded without ultralytics."""
 
     def predict(
         self, images: Sequence[str | Path], *, img_size: int, conf: float = 0.001, iou: float = 0.6, max_det: int = 50,
