@@ -3,21 +3,40 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 
 # The real Cytologia tables (no images) live outside the repository: ../shared/data/cytologia/ next to the checkout,
-# or wherever CYTOLOGIA_REAL_DATA points.
+# or wherever CYTOLOGIA_REAL_DATA points. CI (.ci/run, which tests a copy in a temporary folder) sets both
+# CYTOLOGIA_REAL_DATA and CYTOLOGIA_CI=1: there a missing table fails the test instead of skipping it.
 REAL_DATA = Path(os.environ.get("CYTOLOGIA_REAL_DATA", Path(__file__).resolve().parents[2] / "shared/data/cytologia"))
+REAL_TABLES: tuple[str, ...] = ("train.csv", "test.csv")
+
+
+def in_ci(environ: Mapping[str, str] = os.environ) -> bool:
+    """True when CYTOLOGIA_CI is set to anything but empty, 0, false or no."""
+    return environ.get("CYTOLOGIA_CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require_real_data(folder: Path, ci: bool) -> Path:
+    """``folder`` when it holds every real table; otherwise skip the test (with the reason) or, in CI, fail it
+    naming the missing path and the variable to set."""
+    missing = [folder / name for name in REAL_TABLES if not (folder / name).is_file()]
+    if not missing:
+        return folder
+    reason = f"real Cytologia table(s) not found: {', '.join(map(str, missing))} (set CYTOLOGIA_REAL_DATA)"
+    if ci:
+        pytest.fail(f"{reason}; CYTOLOGIA_CI is set, so a missing real table is a failure, not a skip", pytrace=False)
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
 def real_data_dir() -> Path:
-    """Folder holding the real train.csv/test.csv; the test is skipped (with the reason) when it is absent."""
-    if not (REAL_DATA / "train.csv").is_file():
-        pytest.skip(f"real Cytologia tables not found at {REAL_DATA} (set CYTOLOGIA_REAL_DATA)")
-    return REAL_DATA
+    """Folder holding the real train.csv/test.csv; the test is skipped (with the reason) when it is absent, and
+    fails instead under CYTOLOGIA_CI=1."""
+    return require_real_data(REAL_DATA, in_ci())
 
 
 def _ultralytics_installed() -> bool:
