@@ -61,6 +61,20 @@ def test_single_stage_budget_matches_the_two_stage_training_time() -> None:
     assert single_stage_budget({"data": 5.0}, 3.0, match=True) == 3.0  # nothing trained recorded: the configured one
 
 
+def test_single_stage_clock_resolves_to_cpu_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from cytologia.data.errors import CytologiaInputError
+    from cytologia.pipeline import resolve_clock
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_clock("auto") == "cpu" and resolve_clock("wall") == "wall"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_clock("auto") == "wall" and resolve_clock("cpu") == "cpu"
+    with pytest.raises(CytologiaInputError, match="clock"):
+        resolve_clock("gpu")
+
+
 def test_cleaning_config_resolves_from_the_project_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from cytologia.data.errors import CytologiaInputError
     from cytologia.pipeline import cleaning_config_path

@@ -144,8 +144,9 @@ def test_single_stage_command_trains_predicts_and_scores(
     tiny_set: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "run"
-    # a 0.1 min budget with epochs=50: ultralytics' time limit, not the epoch count, ends training
+    # a 0.1 CPU-minute budget with epochs=50: ultralytics' time limit, counted in process CPU seconds, ends training
     argv = ["single-stage", "--data", str(tiny_set), "--out", str(out), "--epochs", "50", "--time-min", "0.1",
+            "--clock", "cpu",
             "--img-size", "128", "--batch-size", "8", "--device", "cpu", "--workers", "0",
             "--folds-k", "2", "--train-arg", "nbs=8"]  # fmt: skip
     assert main(argv) == 0
@@ -156,6 +157,7 @@ def test_single_stage_command_trains_predicts_and_scores(
     scored = json.loads((out / "score.json").read_text())
     assert 0.0 < scored["score"] <= 1.0 and scored["n_truth"] == len(test)
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["budget"]["clock"] == "cpu" and metrics["train_cpu_seconds"] > 0
     assert metrics["budget"]["time_min"] == 0.1 and metrics["settings"]["extra"] == {"flipud": 0.5, "nbs": 8}
     assert 1 <= metrics["epochs_run"] < 50
     assert metrics["score"] == pytest.approx(scored["score"])

@@ -28,12 +28,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from cytologia.clock import CLOCKS, cpu_seconds
 from cytologia.data.errors import CytologiaInputError
 from cytologia.data.prepare import FOLDS_FILE, FOLDS_REPORT, ensure_data, ensure_folds, read_train
 
 log = logging.getLogger(__name__)
 
-TIMES_FILE = "stage_times.json"
+TIMES_FILE = "stage_times.json"  # wall seconds per step
+CPU_TIMES_FILE = "stage_cpu_seconds.json"  # process CPU seconds per step (what a busy machine does not change)
+SUMMARY_FILE = "pipeline_summary.json"  # scores, times and settings of the run, for scripts (scripts/check_demo.py)
 
 
 def _cli(*argv: str) -> None:
@@ -54,14 +57,16 @@ def _with(cfg: DictConfig, **overrides: object) -> DictConfig:
 
 
 class _Steps:
-    """Runs named steps once, records their wall time in ``stage_times.json`` (kept across resumed runs)."""
+    """Runs named steps once, records their wall time in ``stage_times.json`` and their process CPU time in
+    ``stage_cpu_seconds.json`` (both kept across resumed runs)."""
 
     def __init__(self, run_dir: Path, n_steps: int) -> None:
         self.run_dir = run_dir
         self.n = n_steps
         self.i = 0
-        path = run_dir / TIMES_FILE
+        path, cpu_path = run_dir / TIMES_FILE, run_dir / CPU_TIMES_FILE
         self.times: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+        self.cpu: dict[str, float] = json.loads(cpu_path.read_text()) if cpu_path.is_file() else {}
 
     def __call__(self, name: str, done: Path | None, fn: Callable[[], object]) -> None:
         self.i += 1
@@ -69,10 +74,12 @@ class _Steps:
             log.info("[%d/%d] %s: %s exists, skipped (resumed run)", self.i, self.n, name, done)
             return
         log.info("[%d/%d] %s ...", self.i, self.n, name)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), cpu_seconds()
         fn()
         self.times[name] = round(time.perf_counter() - start, 2)
+        self.cpu[name] = round(cpu_seconds() - cpu_start, 2)
         (self.run_dir / TIMES_FILE).write_text(json.dumps(self.times, indent=1) + "\n")
+        (self.run_dir / CPU_TIMES_FILE).write_text(json.dumps(self.cpu, indent=1) + "\n")
         log.info("[%d/%d] %s done in %.1f s", self.i, self.n, name, self.times[name])
 
 
@@ -164,10 +171,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, object]:
     ss = p.single_stage
     ss_dir = run_dir / "baselines" / "single_stage"
     if ss.enabled:
-        budget_min = single_stage_budget(steps.times, float(ss.time_min), bool(ss.match_budget))
+        clock = resolve_clock(str(ss.clock))
+        budget_min = single_stage_budget(steps.cpu if clock == "cpu" else steps.times, float(ss.time_min),
+                                         bool(ss.match_budget))  # fmt: skip
         steps("single-stage baseline", ss_dir / "submission.csv", lambda: _cli(
             "single-stage", "--data", root, "--out", ss_dir, "--model", ss.model, "--epochs", ss.epochs,
-            "--time-min", budget_min, "--img-size", ss.img_size, "--batch-size", ss.batch_size, "--workers", 0,
+            "--time-min", budget_min, "--clock", clock, "--img-size", ss.img_size, "--batch-size", ss.batch_size,
+            "--workers", 0,
             "--folds-k", cfg.folds.k,
             *[a for k, v in ss.train_args.items() for a in ("--train-arg", f"{k}={v}")],
         ))  # fmt: skip
@@ -176,6 +186,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, object]:
     scores = _scores(truth, {"two-stage": sub_path, "single-stage": ss_dir / "submission.csv", "null": null_path})
     report_dir = run_dir / "report"
     steps("report", None, lambda: _report(cfg, run_dir, root, truth, sub_path, scores, report_dir))
+    summary = {
+        "scores": scores, "stage_times_s": steps.times, "stage_cpu_seconds": steps.cpu,
+        "single_stage": _single_stage_metrics(ss_dir), "exp_name": str(cfg.exp_name), "seed": int(cfg.seed),
+    }  # fmt: skip
+    (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
     line = "  ".join(f"{k} {v['score']:.4f}" for k, v in scores.items())
     total = sum(steps.times.values())
     print(f"pipeline done in {total / 60:.1f} min (sum of stage times): score {line}; report: {report_dir}/index.html")
@@ -196,10 +211,32 @@ def cleaning_config_path(value: str) -> Path:
                               + ("" if path.is_absolute() else f" and {in_project}") + ")")  # fmt: skip
 
 
+def resolve_clock(clock: str) -> str:
+    """``pipeline.single_stage.clock``: ``wall``, ``cpu``, or ``auto`` = ``cpu`` without a CUDA device (process CPU
+    time is the compute spent, whatever else runs on the cores) and ``wall`` with one (GPU work is not CPU time)."""
+    if clock == "auto":
+        import torch
+
+        return "wall" if torch.cuda.is_available() else "cpu"
+    if clock not in CLOCKS:
+        raise CytologiaInputError(f"config key pipeline.single_stage.clock={clock!r}; valid: auto, {', '.join(CLOCKS)}")
+    return clock
+
+
+def _single_stage_metrics(ss_dir: Path) -> dict[str, object]:
+    """Budget, epochs and CPU time of the single-stage baseline's run (empty when it did not run)."""
+    path = ss_dir / "metrics.json"
+    if not path.is_file():
+        return {}
+    m = json.loads(path.read_text())
+    return {k: m.get(k) for k in ("budget", "epochs_run", "best_epoch", "train_cpu_seconds", "times_s")}
+
+
 def single_stage_budget(times: dict[str, float], time_min: float, match: bool) -> float:
-    """Training minutes of the single-stage baseline: ``time_min``, or with ``match`` the wall time this run spent
-    training the two-stage models (the ``detector`` and ``classifier *`` steps of ``times``) -- the same budget for
-    both approaches on whatever machine runs them. Without recorded training times, ``time_min`` (with a warning)."""
+    """Training minutes of the single-stage baseline: ``time_min``, or with ``match`` the time this run spent
+    training the two-stage models (the ``detector`` and ``classifier *`` steps of ``times``: wall or CPU seconds,
+    whichever clock the budget counts) -- the same budget for both approaches. Without recorded training times,
+    ``time_min`` (with a warning)."""
     if not match:
         return time_min
     trained = {k: v for k, v in times.items() if k == "detector" or k.startswith("classifier ")}

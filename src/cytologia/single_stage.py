@@ -5,8 +5,10 @@
   trains on every fold but ``fold`` and selects its checkpoint on ``fold``. The ultralytics dataset is the detector
   stage's (:func:`cytologia.detection.ultralytics_backend.write_yolo_dataset`, here with ``class_names=CLASSES``), and
   so is the offline handling (stand-in fonts, the AMP check without a download, NMS without its time limit).
-- Budget: ``epochs``, or a wall-clock limit ``time_min`` (ultralytics' ``time`` argument: it re-plans the number of
-  epochs, and the learning-rate schedule with it, after each epoch, and stops when the time is spent).
+- Budget: ``epochs``, or a time limit ``time_min`` (ultralytics' ``time`` argument: it re-plans the number of
+  epochs, and the learning-rate schedule with it, after each epoch, and stops when the time is spent), counted on
+  ``clock``: ``wall`` time, or ``cpu``, the process CPU time (:mod:`cytologia.clock`), which another job on the same
+  cores does not change -- the pipeline matches the two-stage training's CPU time with it.
 - Checkpoint selection: each epoch the validator scores the held-out fold with the challenge score itself (known-count
   boxes with their classes, :func:`cytologia.metrics.score`) and ultralytics keeps the best epoch as ``best.pt``.
 - Prediction (known-count, as the two-stage path): class-agnostic NMS where each box keeps its best class; per image
@@ -31,6 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from cytologia.clock import CLOCKS, cpu_seconds, module_clock
 from cytologia.data.errors import CytologiaInputError
 from cytologia.data.schema import BOX_COLUMNS, CLASSES, SUBMISSION_COLUMNS
 
@@ -58,6 +61,7 @@ class SingleStageSettings:
     img_size: int = 384  # the 3rd place's input size
     epochs: int = 30
     time_min: float | None = None
+    clock: str = "wall"  # what time_min counts: wall (elapsed) or cpu (process CPU seconds, see cytologia.clock)
     batch_size: int = 16
     lr: float = 1e-3
     optimizer: str = "AdamW"  # ultralytics' "auto" would ignore lr
@@ -93,6 +97,7 @@ class SingleStageSettings:
         need(self.img_size >= STRIDE and self.img_size % STRIDE == 0, "img_size", f"must be a multiple of {STRIDE}")
         need(self.epochs >= 1, "epochs", "must be >= 1")
         need(self.time_min is None or self.time_min > 0, "time_min", "must be > 0 (or None)")
+        need(self.clock in CLOCKS, "clock", f"must be one of {', '.join(CLOCKS)}")
         for key in ("batch_size", "max_det", "predict_batch"):
             need(getattr(self, key) >= 1, key, "must be >= 1")
         need(self.patience >= 0 and self.workers >= 0, "patience", "and workers must be >= 0")
@@ -111,6 +116,7 @@ class SingleStageTrainResult:
     best_score: float  # the held-out fold's challenge score at the selected epoch (NaN without validation boxes)
     history: list[dict[str, float]]
     seconds: float  # the whole call: dataset, epochs with their validation, final evaluation
+    cpu_seconds: float  # the same span in process CPU time
     epoch_seconds: list[float]  # the training pass of each epoch (no validation)
     n_train_images: int
     n_val_images: int
@@ -269,7 +275,7 @@ def train_single_stage(
         write_yolo_dataset,
     )
 
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     out_dir = Path(out_dir)
     owned = sorted({"data", "project", "name", "exist_ok", "single_cls", "model", "task", "mode", "resume", "time"}
                    & set(settings.extra))  # fmt: skip
@@ -319,7 +325,14 @@ def train_single_stage(
     clock: dict[str, float] = {}
     yolo.add_callback("on_train_epoch_start", lambda _t: clock.__setitem__("start", time.perf_counter()))
     yolo.add_callback("on_train_epoch_end", lambda _t: epoch_seconds.append(time.perf_counter() - clock["start"]))
-    with _amp_check_offline(), keep_torch_threads(yolo, int(args["workers"])):
+    if settings.clock == "cpu" and settings.time_min is not None and int(args["workers"]) > 0:
+        log.warning("cpu clock with %s data-loading workers: their CPU time counts only when they exit (each "
+                    "epoch); workers=0 makes the budget exact", args["workers"])  # fmt: skip
+    import ultralytics.engine.trainer as ul_trainer
+
+    # ultralytics plans its `time` budget with time.time() in its trainer module: on the cpu clock that reads
+    # process CPU seconds, so re-planned epochs, schedule and stop all follow the compute spent, not the wall time
+    with _amp_check_offline(), keep_torch_threads(yolo, int(args["workers"])), module_clock(ul_trainer, settings.clock):
         yolo.train(trainer=_trainer_class(pad_class), **args)
     save_dir = Path(yolo.trainer.save_dir)
     best = save_dir / "weights" / "best.pt"
@@ -339,6 +352,7 @@ def train_single_stage(
         best_score=float(scores[best_idx]) if finite else float("nan"),
         history=history,
         seconds=time.perf_counter() - start,
+        cpu_seconds=cpu_seconds() - cpu_start,
         epoch_seconds=epoch_seconds,
         n_train_images=counts["train_images"],
         n_val_images=counts["val_images"],
@@ -463,7 +477,13 @@ def run_single_stage(
     metrics: dict[str, Any] = {
         "approach": "single-stage: one YOLO with the 23 classes (box and class in one model), known-count top-N",
         "settings": asdict(settings),
-        "budget": {"epochs": settings.epochs, "time_min": settings.time_min, "device": settings.device},
+        "budget": {
+            "epochs": settings.epochs,
+            "time_min": settings.time_min,
+            "clock": settings.clock,
+            "device": settings.device,
+        },  # fmt: skip
+        "train_cpu_seconds": result.cpu_seconds,
         "fold": int(fold),
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,

@@ -24,7 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs (default {d.epochs})")
     parser.add_argument(
         "--time-min", type=float, default=None,
-        help="wall-clock training budget in minutes, validation included; replaces --epochs as the limit",
+        help="training budget in minutes (of --clock), validation included; replaces --epochs as the limit",
+    )  # fmt: skip
+    parser.add_argument(
+        "--clock", choices=["wall", "cpu"], default=d.clock,
+        help="what --time-min counts: wall time, or this process's CPU time (the same on a busy machine; "
+        f"default {d.clock})",
     )  # fmt: skip
     parser.add_argument("--img-size", type=int, default=d.img_size, help=f"input side, px (default {d.img_size})")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
@@ -64,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from cytologia.single_stage import SingleStageSettings, run_single_stage
 
     settings = SingleStageSettings(
-        model=args.model, img_size=args.img_size, epochs=args.epochs, time_min=args.time_min,
+        model=args.model, img_size=args.img_size, epochs=args.epochs, time_min=args.time_min, clock=args.clock,
         batch_size=args.batch_size, lr=args.lr, device=args.device, workers=args.workers, seed=args.seed,
         weights=args.weights, extra=_train_args(args.train_arg),
     )  # fmt: skip
@@ -73,7 +78,9 @@ def run(args: argparse.Namespace) -> int:
         lenient=not args.strict,
     )  # fmt: skip
     times = metrics["times_s"]
-    budget = f"{settings.time_min:g} min" if settings.time_min is not None else f"{settings.epochs} epochs"
+    budget = (
+        f"{settings.time_min:g} {settings.clock} min" if settings.time_min is not None else f"{settings.epochs} epochs"
+    )
     print(
         f"single-stage {settings.model} @ {settings.img_size} px, budget {budget}: {metrics['epochs_run']} epochs, "
         f"best {metrics['best_epoch']}; train {times['train']:.0f} s, predict {metrics['predict_ms_per_image']:.1f} "
