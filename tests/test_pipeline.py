@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from cytologia.data.io import read_submission, read_test
-from cytologia.pipeline import TIMES_FILE
+from cytologia.pipeline import SUMMARY_FILE, TIMES_FILE
 from cytologia.train import train
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -46,6 +46,9 @@ def test_toy_pipeline_end_to_end_and_resume(tmp_path: Path) -> None:
     assert set(scores) == {"two-stage", "null"} and all(0.0 <= s["score"] <= 1.0 for s in scores.values())
     times = json.loads((run_dir / TIMES_FILE).read_text())
     assert {"data", "detector", "ensemble", "predict"} <= set(times)
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())  # what scripts/check_demo.py reads
+    assert summary["scores"] == scores and set(summary["stage_cpu_seconds"]) == set(times)
+    assert summary["stage_cpu_seconds"]["detector"] > 0
     # a rerun finds every step's file and skips it
     before = (run_dir / "predict" / "submission.csv").stat().st_mtime_ns
     train(cfg, run_dir=run_dir)
