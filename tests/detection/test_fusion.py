@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import time
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from ensemble_boxes import weighted_boxes_fusion as reference_wbf
 
 from cytologia.data.errors import CytologiaInputError, ValidationError
 from cytologia.detection.fusion import (
@@ -299,20 +299,7 @@ def test_nms_matches_torchvision() -> None:
     np.testing.assert_array_equal(ours, ref)
 
 
-# ---------------------------------------------------------------------------------------------------------- bench
-def _load_reference_wbf():
-    """ensemble-boxes' WBF module, loaded from its file: the package's __init__ imports numba, which WBF does not
-    need. Not a dependency of the project; the test is skipped when it is not installed."""
-    spec = importlib.util.find_spec("ensemble_boxes")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("ensemble-boxes is not installed (pip install ensemble-boxes --no-deps to run this check)")
-    path = Path(next(iter(spec.submodule_search_locations))) / "ensemble_boxes_wbf.py"
-    mod_spec = importlib.util.spec_from_file_location("_ensemble_boxes_wbf", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    return module.weighted_boxes_fusion
-
-
+# ------------------------------------------------------------------------------------- WBF vs ensemble-boxes
 def _random_predictions(rng: np.random.Generator, n_images: int, models: list[str], size: float = 368.0):
     rows = []
     for i in range(n_images):
@@ -330,32 +317,47 @@ def _random_predictions(rng: np.random.Generator, n_images: int, models: list[st
     return _boxes(rows)
 
 
-@pytest.mark.bench
-@pytest.mark.parametrize("conf_type", ["avg", "max"])
-def test_wbf_matches_ensemble_boxes(conf_type: str) -> None:
-    reference = _load_reference_wbf()
-    rng = np.random.default_rng(7)
-    models = ["m1", "m2", "m3"]
-    weights = {"m1": 2.0, "m2": 1.0, "m3": 0.5}
-    table = _random_predictions(rng, 300, models)
-    ours = weighted_box_fusion(table, iou_thr=0.55, skip_thr=0.1, weights=weights, conf_type=conf_type)
+def _wbf_case(seed: int) -> dict:
+    """A random WBF setting: 1-4 models (unit or random weights), iou_thr, skip_thr, conf_type."""
+    rng = np.random.default_rng(seed)
+    models = [f"m{k}" for k in range(1 + seed % 4)]  # seeds 0-7: each number of models with both conf types
+    unit = rng.random() < 0.25
+    weights = {m: 1.0 if unit else round(float(rng.uniform(0.3, 3.0)), 3) for m in models}
+    return {"models": models, "weights": weights, "iou_thr": round(float(rng.uniform(0.3, 0.8)), 3),
+            "skip_thr": round(float(rng.choice([0.0, rng.uniform(0.0, 0.4)])), 3),
+            "conf_type": ("avg", "max")[(seed + seed // 4) % 2]}  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_wbf_matches_ensemble_boxes(seed: int) -> None:
+    """Same fused boxes and scores as ensemble-boxes' weighted_boxes_fusion (the reference implementation, a dev
+    dependency) on random predictions: every image is fused by both, with the same weights and thresholds."""
+    case = _wbf_case(seed)
+    models, weights, iou_thr, skip_thr, conf_type = (case[k] for k in ("models", "weights", "iou_thr", "skip_thr",
+                                                                       "conf_type"))  # fmt: skip
+    rng = np.random.default_rng(100 + seed)
+    table = _random_predictions(rng, 80, models)
+    ours = weighted_box_fusion(table, iou_thr=iou_thr, skip_thr=skip_thr, weights=weights, conf_type=conf_type)
     size = 368.0
-    n_compared = 0
+    n_compared = n_merged = 0
+    fused = {name: (_xyxy(g), g["score"].to_numpy()) for name, g in ours.groupby("NAME")}
+    empty = (np.zeros((0, 4)), np.zeros(0))
     for name, group in table.groupby("NAME"):
-        boxes_list = [(_xyxy(group[group["model"] == m]) / size).tolist() for m in models]
-        scores_list = [group.loc[group["model"] == m, "score"].tolist() for m in models]
-        labels_list = [[0] * len(s) for s in scores_list]
-        b, s, _ = reference(boxes_list, scores_list, labels_list, weights=[weights[m] for m in models],
-                            iou_thr=0.55, skip_box_thr=0.1, conf_type=conf_type)  # fmt: skip
-        mine = ours[ours["NAME"] == name]
-        assert len(mine) == len(s), name
-        # same boxes, same scores (ensemble-boxes computes fused boxes in float32)
-        order = np.lexsort((b[:, 0], -np.round(s, 6)))
-        mine_order = np.lexsort((_xyxy(mine)[:, 0], -np.round(mine["score"].to_numpy(), 6)))
-        np.testing.assert_allclose(_xyxy(mine)[mine_order], b[order] * size, atol=2e-3)
-        np.testing.assert_allclose(mine["score"].to_numpy()[mine_order], s[order], atol=1e-6)
+        xyxy, score, model = _xyxy(group) / size, group["score"].to_numpy(), group["model"].to_numpy()
+        b, s, _ = reference_wbf([xyxy[model == m].tolist() for m in models],
+                                [score[model == m].tolist() for m in models],
+                                [[0] * int((model == m).sum()) for m in models], weights=[weights[m] for m in models],
+                                iou_thr=iou_thr, skip_box_thr=skip_thr, conf_type=conf_type)  # fmt: skip
+        mine_b, mine_s = fused.get(name, empty)
+        assert len(mine_s) == len(s), (name, case)
+        # same boxes, same scores (ensemble-boxes computes fused boxes and scores in float32)
+        order = np.lexsort((b[:, 0], -np.round(s, 5)))
+        mine_order = np.lexsort((mine_b[:, 0], -np.round(mine_s, 5)))
+        np.testing.assert_allclose(mine_b[mine_order], b[order] * size, atol=2e-3, err_msg=f"{name} {case}")
+        np.testing.assert_allclose(mine_s[mine_order], s[order], atol=1e-6, err_msg=f"{name} {case}")
         n_compared += len(s)
-    assert n_compared > 500
+        n_merged += int((score >= skip_thr).sum()) - len(s)
+    assert n_compared > 80 and (n_merged > 0 or len(models) == 1), case  # clusters were formed, not only copies
 
 
 @pytest.mark.bench

@@ -5,9 +5,9 @@ pixel corners; ``model`` names what produced the box -- a checkpoint, a TTA vari
 for the boxes :func:`known_count` adds). A ``fold`` column, when present, is carried through.
 
 - :func:`weighted_box_fusion` -- WBF (Solovyev, Wang & Gabruseva, "Weighted boxes fusion", 2021), class-agnostic,
-  per image, with per-model weights. Same numbers as the ``ensemble-boxes`` package (checked in
-  ``tests/detection/test_fusion.py::test_wbf_matches_ensemble_boxes``, a bench test) but on a pixel table and without
-  the dependency.
+  per image, with per-model weights. Same numbers as the ``ensemble-boxes`` package (checked on random settings by
+  ``tests/detection/test_fusion.py::test_wbf_matches_ensemble_boxes`` in the default test suite; ensemble-boxes is a
+  ``dev`` dependency only) but on a pixel table and without the dependency.
 - :func:`known_count` -- the test-time rule of the challenge: ``test.csv`` lists how many cells each image holds,
   so keep exactly that many boxes per image, the top-N by score, and pad with the boxes that maximise the expected
   GIoU against the cells the detector missed (see :data:`PAD_ORDER` for the measured figures).
