@@ -327,6 +327,51 @@ def test_read_truth_errors_name_the_file(tmp_path) -> None:
         metrics.read_predictions(tmp_path / "absent.csv")
 
 
+def test_unknown_truth_classes_are_listed_with_counts_and_first_rows() -> None:
+    classes = ["B", "Foo", "EO", "Foo", "None", *["Foo"] * 6, "b"]
+    found = metrics.unknown_classes(classes)
+    assert [(u.label, u.count) for u in found] == [("Foo", 8), ("None", 1), ("b", 1)]  # exact strings: "b" is not "B"
+    assert found[0].rows == (2, 4, 6, 7, 8) and found[1].rows == (5,) and found[2].rows == (12,)
+    assert metrics.unknown_classes(list(CLASSES)) == []
+
+
+UNKNOWN_TRUTH = (
+    "trustii_id,NAME,x1,y1,x2,y2,class\n"
+    "0,a.jpg,0,0,10,10,B\n"
+    "1,a.jpg,20,20,30,30,Foo\n"
+    "2,b.jpg,5,5,15,15,Foo\n"
+    "3,c.jpg,0,0,8,8,EO\n"
+)
+
+
+def test_unknown_truth_class_is_scored_by_the_reference_rule_and_logged(tmp_path, caplog) -> None:
+    path = tmp_path / "truth.csv"
+    path.write_text(UNKNOWN_TRUTH)
+    with caplog.at_level("WARNING", logger="cytologia.metrics"):
+        truth = metrics.read_truth(path)
+    assert f"{path}: class 'Foo' is not one of the 23 classes: 2 row(s) (rows 2, 3)" in caplog.text
+    assert truth["class"].tolist() == ["B", "Foo", "Foo", "EO"]
+    pred = truth.assign(**{"class": ["B", "B", "Foo", "EO"]})
+    result = both(truth, pred)  # the unknown class is one more label of the macro average, as in the reference
+    assert result.labels == ("B", "EO", "Foo") and result.per_class_f1["Foo"] == pytest.approx(2 / 3)
+
+
+def test_strict_read_truth_rejects_unknown_classes_naming_file_class_and_rows(tmp_path, caplog) -> None:
+    path = tmp_path / "truth.csv"
+    path.write_text(UNKNOWN_TRUTH + "4,d.jpg,0,0,8,8,None\n")
+    with pytest.raises(ValidationError) as err:
+        metrics.read_truth(path, strict=True)
+    text = str(err.value)
+    assert text.startswith(f"{path}: 2 problem(s)")
+    assert f"{path}, row 2: class 'Foo' is not one of the 23 classes: 2 row(s) (rows 2, 3)" in text
+    assert f"{path}, row 5: class 'None' is not one of the 23 classes: 1 row(s) (rows 5)" in text
+    clean = tmp_path / "clean.csv"
+    clean.write_text(UNKNOWN_TRUTH.replace("Foo", "MO"))
+    with caplog.at_level("WARNING", logger="cytologia.metrics"):
+        assert len(metrics.read_truth(clean, strict=True)) == 4
+    assert "not one of the 23 classes" not in caplog.text
+
+
 # ---------------------------------------------------------------- randomized comparison with the loop oracle
 ODD = ["None", "NA", "", "foo", "nan"]
 

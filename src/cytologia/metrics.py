@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 
 from cytologia.data.errors import CytologiaInputError, ValidationError
-from cytologia.data.schema import BOX_COLUMNS, NO_PREDICTION, SUBMISSION_COLUMNS
+from cytologia.data.schema import BOX_COLUMNS, CLASSES, NO_PREDICTION, SUBMISSION_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -334,16 +334,55 @@ def _read_csv(path: Path) -> pd.DataFrame:
         raise CytologiaInputError(f"{path}: not a readable CSV table: {err}") from err
 
 
-def read_truth(path: str | Path, assign_ids: bool = False) -> pd.DataFrame:
+class UnknownClass(NamedTuple):
+    """A class string of a truth table that is not one of the 23 classes (see :func:`unknown_classes`)."""
+
+    label: str
+    count: int  # truth rows holding it
+    rows: tuple[int, ...]  # its first MAX_ROWS_SHOWN 1-based data rows
+
+
+MAX_ROWS_SHOWN = 5  # rows listed per unknown class
+
+
+def unknown_classes(classes: pd.Series | np.ndarray) -> list[UnknownClass]:
+    """The strings of a truth ``class`` column (in file order) that are not among the 23 classes, in order of first
+    appearance, with their row counts and first rows (1-based data rows)."""
+    values = pd.Series(np.asarray(classes, dtype=object))
+    positions = np.flatnonzero(~values.isin(CLASSES).to_numpy())
+    if not len(positions):
+        return []
+    rows = pd.Series(positions + 1).groupby(values.iloc[positions].to_numpy(), sort=False)
+    return [UnknownClass(str(label), len(group), tuple(group.iloc[:MAX_ROWS_SHOWN].tolist())) for label, group in rows]
+
+
+def _unknown_text(item: UnknownClass) -> str:
+    shown = ", ".join(map(str, item.rows)) + (", ..." if item.count > len(item.rows) else "")
+    return f"class {item.label!r} is not one of the {len(CLASSES)} classes: {item.count} row(s) (rows {shown})"
+
+
+def read_truth(path: str | Path, assign_ids: bool = False, *, strict: bool = False) -> pd.DataFrame:
     """Read and validate a truth table ``trustii_id,NAME,x1,y1,x2,y2,class`` (errors name the file and row).
 
     With ``assign_ids`` a table without ``trustii_id`` (``train.csv``) gets ids 0..n-1 in file order.
     Returns trustii_id as int64, coordinates as float64, NAME and class as the exact strings of the file.
+    A class that is not one of the 23 (:func:`unknown_classes`) is scored as the reference scores it -- one more
+    label in the macro average -- and logged as a warning naming the file, the class, its count and first rows;
+    with ``strict`` it is a :class:`ValidationError` instead.
     """
     frame = _read_csv(Path(path))
     if assign_ids and "trustii_id" not in frame.columns:
         frame.insert(0, "trustii_id", np.arange(len(frame), dtype=np.int64))
     parts = truth_parts(frame, str(path))
+    unknown = unknown_classes(parts.classes)
+    if unknown and strict:
+        raise ValidationError(str(path), [(u.rows[0], _unknown_text(u)) for u in unknown[:MAX_PROBLEMS]], len(unknown))
+    for u in unknown:
+        log.warning(
+            "%s: %s; scored as one more label in the macro-F1 (an error with strict=True, cytologia score --strict)",
+            path,
+            _unknown_text(u),
+        )
     out = pd.DataFrame({"trustii_id": parts.ids, "NAME": parts.names})
     for j, col in enumerate(BOX_COLUMNS):
         out[col] = parts.boxes[:, j]

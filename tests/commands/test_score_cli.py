@@ -99,3 +99,41 @@ def test_non_numeric_prediction_coordinates_are_scored_and_logged(
     assert payload["n_pred_bad_box"] == 1 and payload["f1"] == 1.0
     assert payload["giou"] == pytest.approx(3 / 4)  # that box scores 0, the three others 1
     assert "1 row(s) with a missing or non-numeric coordinate (rows 3)" in caplog.text
+
+
+UNKNOWN = TRUTH.replace("3,c.jpg,0,0,8,8,MO", "3,c.jpg,0,0,8,8,Blast") + "4,d.jpg,0,0,8,8,Blast\n"
+
+
+def test_unknown_truth_class_is_scored_and_named_in_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    truth = write(tmp_path, "truth.csv", UNKNOWN)
+    assert cli.main(["score", "--truth", str(truth), "--pred", str(truth), "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert payload["score"] == 1.0 and set(payload["per_class_f1"]) == {"B", "EO", "Blast"}  # the reference rule
+    assert f"{truth}: class 'Blast' is not one of the 23 classes: 2 row(s) (rows 4, 5)" in caplog.text
+    assert [r.levelname for r in caplog.records if "Blast" in r.getMessage()] == ["WARNING"]
+
+
+def test_unknown_truth_class_warning_reaches_stderr(tmp_path: Path) -> None:
+    """The warning goes to the terminal: a real process, where the CLI's logging writes to stderr."""
+    import subprocess
+    import sys
+
+    truth = write(tmp_path, "truth.csv", UNKNOWN)
+    done = subprocess.run([sys.executable, "-m", "cytologia.cli", "score", "--truth", str(truth), "--pred",
+                           str(truth)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"WARNING cytologia.metrics: {truth}: class 'Blast' is not one of the 23 classes" in done.stderr
+    assert "WARNING" not in done.stdout
+
+
+def test_strict_makes_an_unknown_truth_class_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    truth, pred = write(tmp_path, "truth.csv", UNKNOWN), write(tmp_path, "pred.csv", PRED)
+    assert cli.main(["score", "--truth", str(truth), "--pred", str(pred), "--strict", "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert f"error: {truth}: 1 problem(s)" in captured.err
+    assert f"{truth}, row 4: class 'Blast' is not one of the 23 classes: 2 row(s) (rows 4, 5)" in captured.err
+    clean = write(tmp_path, "clean.csv", TRUTH)
+    assert cli.main(["score", "--truth", str(clean), "--pred", str(pred), "--strict"]) == 0

@@ -6,6 +6,8 @@ and class; errors name the file and row). PRED is a submission, scored as the ch
 per id wins, a class string that is not a class is one more label with F1 0, and a box with a missing or
 non-numeric coordinate scores the worst rescaled GIoU, 0 (like the reference's NaN, the first such box of an image
 takes every truth box of that image, with its class).
+A truth class that is not one of the 23 is scored the same way (one more label in the macro average) and named on
+stderr as a warning (file, class, count, first rows); ``--strict`` makes it an error (exit 2).
 With ``--json`` the last line of stdout is one JSON object (``score``, ``giou``, ``f1``, counts, ``per_class_f1``).
 """
 
@@ -29,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pred", type=Path, required=True, help="submission CSV: trustii_id,NAME,x1,y1,x2,y2,class")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
     parser.add_argument("--per-class", action="store_true", help="print a per-label table (support, F1)")
+    parser.add_argument(
+        "--strict", action="store_true", help="a truth class not among the 23 is an error (exit 2), not a warning"
+    )
 
 
 def _shown(label: str) -> str:
@@ -53,7 +58,7 @@ def summary_lines(result: metrics.ScoreResult) -> list[str]:
         *(f"  ignored: {n} {why}" for n, why in ignored if n),
         f"images without a kept prediction: {r.n_images_without_prediction}"
         + (f" (their boxes score GIoU 0 and class {NO_PREDICTION!r})" if r.n_images_without_prediction else ""),
-        f"labels in the macro-F1: {len(r.labels)}" + (f" (not classes, F1 0: {', '.join(extra)})" if extra else ""),
+        f"labels in the macro-F1: {len(r.labels)}" + (f" (not classes: {', '.join(extra)})" if extra else ""),
     ]
     if r.n_pred_bad_box:
         lines.append(
@@ -89,7 +94,7 @@ def _json_safe(value: object) -> object:
 
 def run(args: argparse.Namespace) -> int:
     """Read both tables, score, print the summary (and the JSON line)."""
-    truth = metrics.read_truth(args.truth)
+    truth = metrics.read_truth(args.truth, strict=args.strict)
     pred = metrics.read_predictions(args.pred)
     result = metrics.score(truth, pred)
     print("\n".join(summary_lines(result)))
