@@ -11,14 +11,20 @@ are timm's names for ``vit_*_patch14_dinov2`` apart from:
 
 DINOv2 was trained at 224 px with 14 px patches: the checkpoint's ``pos_embed`` is (1, 1 + 16 * 16, D) = (1, 257, D).
 timm's ``vit_*_patch14_dinov2`` defaults to 518 px (37 x 37 patches), so the model is built with ``img_size=224``
-and the shapes match exactly; at another size the position embedding is resampled bicubically (timm's
-``resample_abs_pos_embed``; DINOv2's own runtime interpolation differs slightly, with its 0.1 offset). Everything
-else loads strictly: an unknown key or a wrong shape is an error naming it. The model's classification head is
-new (DinoBloom has none) and starts at timm's init.
+and the shapes match exactly. The model's input size is fixed when it is built; at another size the position
+embedding is resampled once, when the weights load, by DINOv2's own rule (:func:`resample_pos_embed_dinov2`, a
+port of ``DinoVisionTransformer.interpolate_pos_encoding``: bicubic, no antialiasing, scale factor
+``(grid + 0.1) / 16``), so the features equal what Meta's code computes at that size. timm's own resampling
+(``resample_abs_pos_embed``: antialiased, to an exact output size) samples other positions: a few 1e-3 in the
+patch tokens at 112 and 448 px with DinoBloom's smooth embedding, far more with a rough one.
+Everything else loads strictly: an unknown key or a wrong shape is an error naming it. The model's classification
+head is new (DinoBloom has none) and starts at timm's init.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,9 +33,12 @@ from typing import Any
 import timm
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from cytologia.data.errors import CytologiaInputError
 from cytologia.weights import LoadReport, load_state_dict_checked
+
+log = logging.getLogger(__name__)
 
 DINOBLOOM_ARCH: dict[str, str] = {
     "dinobloom_s": "vit_small_patch14_dinov2",
@@ -42,6 +51,7 @@ DINOBLOOM_FILES: dict[str, str] = {  # file names of the public release, for mes
     "dinobloom_l": "DinoBloom-L.pth",
 }
 DINOBLOOM_IMG_SIZE = 224  # DINOv2's training size: 16 x 16 patches of 14 px
+DINOV2_INTERPOLATE_OFFSET = 0.1  # DINOv2's ``interpolate_offset`` (its default, used by DinoBloom)
 _DROPPED_HEADS = ("dino_head.", "ibot_head.")
 _CHUNKED = re.compile(r"^blocks\.\d+\.(\d+)\.")
 _SWIGLU = re.compile(r"^(blocks\.\d+\.mlp\.)(w12|w3)\.")
@@ -60,6 +70,70 @@ def create_dinobloom(
     return timm.create_model(
         DINOBLOOM_ARCH[variant], pretrained=False, num_classes=num_classes, img_size=img_size, **kwargs
     )
+
+
+def resample_pos_embed_dinov2(
+    pos_embed: torch.Tensor,
+    grid: tuple[int, int],
+    num_prefix_tokens: int = 1,
+    offset: float = DINOV2_INTERPOLATE_OFFSET,
+) -> torch.Tensor:
+    """``pos_embed`` (1, prefix + M * M, D) for a (rows, cols) patch ``grid``, as DINOv2's ``interpolate_pos_encoding``
+    computes it: unchanged when the grid is M x M; otherwise the M x M grid is resized (float32, bicubic, no
+    antialiasing) with the scale factors ``(rows + offset) / M`` and ``(cols + offset) / M`` -- a scale factor, not an
+    output size, so that the sampling positions are DINOv2's -- to rows x cols. The prefix (class) token's embedding
+    is kept; the result has ``pos_embed``'s dtype.
+
+    DINOv2 takes images of whole patches only; for an H x W image whose sides are not multiples of the patch, timm's
+    patch embedding (and so ``grid``) covers the top-left ``H // patch`` x ``W // patch`` patches, as DINOv2 would on
+    that crop."""
+    rows, cols = (int(v) for v in grid)
+    n = pos_embed.shape[1] - num_prefix_tokens if pos_embed.dim() == 3 else -1
+    side = math.isqrt(n) if n > 0 else 0
+    if side * side != n or rows < 1 or cols < 1:
+        raise CytologiaInputError(
+            f"pos_embed {tuple(pos_embed.shape)} for a {rows}x{cols} grid: expected (1, {num_prefix_tokens} + M * M, D)"
+            " (a square grid) and a grid of at least one patch"
+        )
+    if (rows, cols) == (side, side):
+        return pos_embed
+    dim = pos_embed.shape[2]
+    patches = pos_embed[:, num_prefix_tokens:].float().reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    scale = (float(rows + offset) / side, float(cols + offset) / side)
+    patches = F.interpolate(patches, scale_factor=scale, mode="bicubic", antialias=False)
+    if tuple(patches.shape[-2:]) != (rows, cols):  # floor(M * (rows + offset) / M) == rows for offset in [0, 1)
+        raise CytologiaInputError(f"offset {offset}: resized grid {tuple(patches.shape[-2:])} is not {rows}x{cols}")
+    patches = patches.permute(0, 2, 3, 1).reshape(1, rows * cols, dim).to(pos_embed.dtype)
+    return torch.cat([pos_embed[:, :num_prefix_tokens], patches], dim=1)
+
+
+def fit_pos_embed_dinov2(
+    state: dict[str, torch.Tensor], model: nn.Module, source: str = "checkpoint", *, square_grid: bool = False
+) -> dict[str, torch.Tensor]:
+    """``state`` with its ``pos_embed`` resampled to ``model``'s patch grid by :func:`resample_pos_embed_dinov2`.
+
+    ``square_grid``: the file's grid is known to be square (a DinoBloom / DINOv2 checkpoint), so it is resampled
+    even when the token count matches the model's (16 x 16 into an 8 x 32 model). Otherwise (a plain state dict, e.g.
+    this model fine-tuned) an embedding of the model's own shape is kept as it is. Other mismatches are left for the
+    strict check, which names them."""
+    theirs = state.get("pos_embed")
+    ours = getattr(model, "pos_embed", None)
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if theirs is None or not isinstance(ours, torch.Tensor) or grid is None or theirs.dim() != 3:
+        return state
+    if theirs.shape[2] != ours.shape[2] or (theirs.shape == ours.shape and not square_grid):
+        return state
+    prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+    side = math.isqrt(max(theirs.shape[1] - prefix, 0))
+    if side * side != theirs.shape[1] - prefix:
+        return state  # not a square grid: the strict check reports the shape
+    out = dict(state)
+    out["pos_embed"] = resample_pos_embed_dinov2(theirs, tuple(grid), prefix)
+    if out["pos_embed"] is not theirs:
+        log.info(
+            "%s: pos_embed resampled (DINOv2's rule) from a %dx%d to a %dx%d patch grid", source, side, side, *grid
+        )
+    return out
 
 
 def dinobloom_state_dict(checkpoint: Mapping[str, Any], source: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -94,10 +168,10 @@ def dinobloom_state_dict(checkpoint: Mapping[str, Any], source: str = "checkpoin
 
 def load_dinobloom_weights(model: nn.Module, path: Path) -> LoadReport:
     """Load a (manifest-verified) file into a DinoBloom model: a DinoBloom checkpoint (``teacher`` dict), or a plain
-    timm-format state dict (e.g. a fine-tuned DinoBloom classifier). Strict; the head is skipped when its shape
+    timm-format state dict (e.g. a fine-tuned DinoBloom classifier). The position embedding is resampled to the
+    model's input size by DINOv2's rule (:func:`fit_pos_embed_dinov2`). Strict; the head is skipped when its shape
     differs or the file has none."""
     from cytologia.classification.models import (
-        adapt_pos_embed,
         head_prefixes,
         read_state_dict,
         strip_wrapper_prefixes,
@@ -106,15 +180,16 @@ def load_dinobloom_weights(model: nn.Module, path: Path) -> LoadReport:
 
     if Path(path).suffix == ".safetensors":
         state = strip_wrapper_prefixes(read_state_dict(path), model)
-        state = adapt_pos_embed(state, model, str(path))
+        state = fit_pos_embed_dinov2(state, model, str(path))
         return load_state_dict_checked(model, state, skip_mismatched=head_prefixes(model), source=str(path))
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle / zip errors of all kinds
         raise CytologiaInputError(f"{path}: cannot read as a weights-only torch file ({err})") from None
-    if isinstance(obj, Mapping) and "teacher" in obj:
+    teacher = isinstance(obj, Mapping) and "teacher" in obj
+    if teacher:
         state = dinobloom_state_dict(obj, str(path))
     else:
         state = strip_wrapper_prefixes(unwrap_state_dict(obj, str(path)), model)
-    state = adapt_pos_embed(state, model, str(path))
+    state = fit_pos_embed_dinov2(state, model, str(path), square_grid=teacher)
     return load_state_dict_checked(model, state, skip_mismatched=head_prefixes(model), source=str(path))
