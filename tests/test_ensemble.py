@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ from cytologia.ensemble import (
     blend_probabilities,
     macro_f1_codes,
     multilabel_probabilities,
+    predict_codes,
     prepare_tuning,
     read_ensemble,
     tune,
@@ -111,6 +113,62 @@ def test_tuned_ensemble_beats_its_best_member_on_heldout_folds() -> None:
     w = result.params.weights
     assert w.sum() == pytest.approx(1.0) and (w >= 0).all()
     assert w[1] < w[0]  # B is down-weighted to undo its scale
+
+
+def _leak_bait(scheme: str, n_images: int = 1000, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
+    """OOF logits of two honest members ``A``, ``B`` (noisy, independent: their blend beats either) and a bait ``L``
+    that is perfect on the rows of one held-out part -- fold 0 of four, or with ``scheme="halves"`` the crc32 half 0
+    of a single-fold table -- and useless on every other row, where it votes, as confidently, for a random wrong
+    class (with weights >= 0 it can only hurt there). Returns the OOF table, the truth and the bait part's rows."""
+    rng = np.random.default_rng(seed)
+    names = np.array([f"img_{i:05d}.jpg" for i in range(n_images)], dtype=object)
+    y = rng.integers(N_CLASSES, size=n_images)
+    if scheme == "folds":
+        fold = rng.integers(4, size=n_images)
+        bait = fold == 0
+    else:  # the two halves of a single-fold table (crc32 of the image name); the check holds half 0 out first
+        fold = np.zeros(n_images, dtype=np.int64)
+        bait = np.array([zlib.crc32(name.encode()) % 2 == 0 for name in names])
+    onehot = np.eye(N_CLASSES)[y]
+    wrong = np.eye(N_CLASSES)[(y + rng.integers(1, N_CLASSES, n_images)) % N_CLASSES]
+    logits = {
+        "A": 2.0 * onehot + rng.normal(0, 1, onehot.shape),
+        "B": 2.0 * onehot + rng.normal(0, 1, onehot.shape),
+        "L": np.where(bait[:, None], 20.0 * onehot, 10.0 * wrong),
+    }
+    parts = [
+        make_oof_table(names[fold == k], np.flatnonzero(fold == k), int(k), model, lg[fold == k])
+        for model, lg in logits.items()
+        for k in np.unique(fold)
+    ]
+    truth = pd.DataFrame({"NAME": names, "box_id": np.arange(n_images), "class": [CLASSES[c] for c in y]})
+    return pd.concat(parts, ignore_index=True), truth, bait
+
+
+@pytest.mark.parametrize("scheme", ["folds", "halves"])
+def test_heldout_check_does_not_see_the_heldout_rows(scheme: str) -> None:
+    """The held-out check must tune without the held-out rows: a member that is perfect only on one held-out part
+    and useless on the rows the check tunes on gets no credit there -- the part scores as the honest members' blend
+    does -- while weights tuned on rows that include the part (a leak) make it near perfect."""
+    oof, truth, bait = _leak_bait(scheme)
+    data = prepare_tuning(oof, truth, ["A", "B", "L"])
+    result = tune(data)
+    h = result.report["heldout"]
+    assert ("two halves" in h["scheme"]) == (scheme == "halves"), h["scheme"]
+    row = next(r for r in h["per_fold"] if r["fold"] == 0)
+    assert row["n_truth_boxes"] == int(bait.sum())  # the check's part 0 is the bait's part
+    # the case shows a leak when there is one: weights tuned on rows that include the bait's part (the file's
+    # weights, tuned on every row) exploit L there
+    leaky = macro_f1_codes(data.eval_true[bait], predict_codes(data, result.params, data.eval_row[bait]))
+    assert leaky > 0.9, (leaky, result.params.weights)
+    # what the tuning rows justify: the same check without L
+    base = tune(prepare_tuning(oof, truth, ["A", "B"])).report["heldout"]
+    base_row = next(r for r in base["per_fold"] if r["fold"] == 0)
+    assert leaky > base_row["ensemble_f1"] + 0.12, (leaky, base_row)
+    assert row["ensemble_f1"] < base_row["ensemble_f1"] + 0.04, (row, base_row)
+    # pooled over every part (not gain_over_best_member: the member best on tuning rows that include the bait's part
+    # is L, which then fails on the part held out -- an honest, not a leaky, inflation of that gain)
+    assert h["ensemble_f1"] < base["ensemble_f1"] + 0.02, (h["ensemble_f1"], base["ensemble_f1"])
 
 
 def test_multilabel_member_blends_on_single_cell_images() -> None:
