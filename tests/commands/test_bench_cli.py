@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cytologia import cli, metrics
+from cytologia import cli, metrics, metrics_reference
 from cytologia.commands import bench, bench_score
 from cytologia.data.schema import CLASSES
 
@@ -48,6 +48,30 @@ def test_bench_score_on_a_small_table(tmp_path: Path, capsys: pytest.CaptureFixt
     assert payload["n_pred_rows"] > payload["n_pred_kept"] > 0
     assert payload["score"] < 1.0 and payload["speedup"] > 0
     assert "vectorised (median of 2)" in out and "per-image loop (median of 1)" in out
+
+
+@pytest.mark.parametrize("key", ["score", "giou", "f1"])
+def test_bench_score_exits_1_when_the_implementations_disagree(
+    key: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One side broken on purpose (the loop's figure offset by 1e-6): the verdict is DISAGREE and the exit 1."""
+    real_loop = metrics_reference.score_loop
+
+    def off_by_a_little(truth: pd.DataFrame, pred: pd.DataFrame) -> dict[str, object]:
+        out = dict(real_loop(truth, pred))
+        out[key] = float(out[key]) + 1e-6
+        return out
+
+    monkeypatch.setattr(metrics_reference, "score_loop", off_by_a_little)
+    truth = small_train(tmp_path, n_images=40)
+    argv = ["bench", "score", "--truth", str(truth), "--repeats", "1", "--loop-repeats", "1"]
+    assert cli.main(argv) == 1
+    out = capsys.readouterr().out
+    payload = last_json(out)
+    assert payload["agree"] is False and payload["max_abs_diff"] == pytest.approx(1e-6, rel=1e-3)
+    assert f"(must be < {bench_score.TOLERANCE:g}): DISAGREE" in out
+    assert cli.main([*argv, "--tolerance", "1e-5"]) == 0  # within a stated looser tolerance it passes
+    assert last_json(capsys.readouterr().out)["tolerance"] == 1e-5
 
 
 def test_perturb_breaks_every_rule(tmp_path: Path) -> None:
