@@ -8,7 +8,13 @@ import onnx
 import pytest
 import torch
 
-from cytologia.classification.export import check_onnx_parity, export_classifier_onnx, onnx_metadata
+from cytologia.classification.export import (
+    PARITY_ATOL,
+    OnnxParityError,
+    check_onnx_parity,
+    export_classifier_onnx,
+    onnx_metadata,
+)
 from cytologia.classification.models import create_classifier
 from cytologia.data.errors import CytologiaInputError
 
@@ -43,8 +49,8 @@ def test_export_parity(tmp_path: Path, name: str, size: int) -> None:
     dims = [d.dim_param or d.dim_value for d in graph.input[0].type.tensor_type.shape.dim]
     assert graph.input[0].name == "image" and dims == ["batch", 3, size, size]
     assert graph.output[0].name == "logits"
-    diff = check_onnx_parity(model, path, n=3)
-    assert diff < 1e-4, f"{name}: max |torch - onnxruntime| = {diff:.2e}"
+    diff = check_onnx_parity(model, path, n=3)  # raises past PARITY_ATOL
+    assert diff <= PARITY_ATOL, f"{name}: max |torch - onnxruntime| = {diff:.2e}"
 
     meta = onnx_metadata(path)
     assert meta["img_size"] == str(size) and meta["labels"] == "a b c d e" and "mean" in meta
@@ -61,7 +67,15 @@ def test_static_batch_and_checks(tmp_path: Path) -> None:
         export_classifier_onnx(model, tmp_path / "old.onnx", 32, opset=13)
     with pytest.raises(CytologiaInputError, match="not found"):
         check_onnx_parity(model, tmp_path / "absent.onnx")
-    # The parity check detects a model that no longer matches its export.
+    # The parity check detects a model that no longer matches its export: an error past the tolerance, naming the
+    # file and both figures; atol=None only measures.
     with torch.no_grad():
         model.fc.bias += 1.0
-    assert check_onnx_parity(model, path) == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(OnnxParityError, match=rf"static\.onnx: .* differ .* by \S+ .*tolerance {PARITY_ATOL:g}"):
+        check_onnx_parity(model, path)
+    assert check_onnx_parity(model, path, atol=None) == pytest.approx(1.0, abs=1e-4)
+    with torch.no_grad():
+        model.fc.bias -= 1.0 - 2 * PARITY_ATOL  # just past the tolerance
+    with pytest.raises(OnnxParityError):
+        check_onnx_parity(model, path)
+    assert check_onnx_parity(model, path, atol=4 * PARITY_ATOL) == pytest.approx(2 * PARITY_ATOL, rel=0.05)

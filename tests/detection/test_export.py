@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from cytologia.cli import main
@@ -13,6 +14,8 @@ from cytologia.data.errors import CytologiaInputError
 from cytologia.detection import load_detector
 from cytologia.detection.export import (
     BOX_ATOL_PX,
+    RAW_BOX_ATOL_PX,
+    RAW_SCORE_ATOL,
     OnnxDetector,
     benchmark,
     export_detector,
@@ -53,6 +56,47 @@ def test_export_command_verifies_and_benchmarks(exported, tmp_path: Path) -> Non
     results = json.loads(report.read_text())
     assert results["parity"]["passed"] is True
     assert results["bench"]["torch_ms_per_image"] > 0 and results["bench"]["onnxruntime_ms_per_image"] > 0
+
+
+@pytest.mark.ultralytics
+@pytest.mark.parametrize("broken", ["raw boxes", "boxes after NMS"])
+def test_export_command_exits_1_when_onnx_and_torch_differ(
+    broken: str, exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ONNX Runtime's side broken on purpose, twice one tolerance and within the other: FAIL, exit status 1.
+    ``raw boxes``: every raw box shifted 2 * RAW_BOX_ATOL_PX (the boxes after NMS move less than BOX_ATOL_PX);
+    ``boxes after NMS``: the final boxes shifted 2 * BOX_ATOL_PX (raw outputs untouched)."""
+    weights, _ = exported
+    if broken == "raw boxes":
+        run_graph = OnnxDetector.forward
+
+        def forward(self: OnnxDetector, x: np.ndarray) -> np.ndarray:
+            raw = run_graph(self, x).copy()
+            raw[:, 0] += 2 * RAW_BOX_ATOL_PX  # centre x, network input px
+            return raw
+
+        monkeypatch.setattr(OnnxDetector, "forward", forward)
+    else:
+        run_predict = OnnxDetector.predict
+
+        def predict(self: OnnxDetector, images, **kw) -> pd.DataFrame:
+            boxes = run_predict(self, images, **kw)
+            return boxes.assign(x1=boxes["x1"] + 2 * BOX_ATOL_PX, x2=boxes["x2"] + 2 * BOX_ATOL_PX)
+
+        monkeypatch.setattr(OnnxDetector, "predict", predict)
+    report = tmp_path / "report.json"
+    code = main(["export", "detector", "--weights", str(weights), "--out", str(tmp_path / "m.onnx"), "--img-size",
+                 "128", "--n-verify", "2", "--report", str(report)])  # fmt: skip
+    assert code == 1
+    assert "): FAIL" in capsys.readouterr().out
+    parity = json.loads(report.read_text())["parity"]
+    assert parity["passed"] is False and parity["raw_score_max_abs"] <= RAW_SCORE_ATOL
+    if broken == "raw boxes":
+        assert parity["raw_box_max_abs_px"] == pytest.approx(2 * RAW_BOX_ATOL_PX, rel=0.05)
+        assert parity["box_max_abs_px"] <= BOX_ATOL_PX  # only the raw check catches it
+    else:
+        assert parity["raw_box_max_abs_px"] <= RAW_BOX_ATOL_PX
+        assert parity["box_max_abs_px"] == pytest.approx(2 * BOX_ATOL_PX, abs=0.01)
 
 
 def test_export_errors(tmp_path: Path) -> None:

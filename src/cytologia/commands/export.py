@@ -19,7 +19,16 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="what", metavar="WHAT", required=True)
-    det = sub.add_parser("detector", help="a trained detector checkpoint (detector.pt) to ONNX")
+    from cytologia.detection.export import BOX_ATOL_PX, RAW_BOX_ATOL_PX, RAW_SCORE_ATOL
+
+    det = sub.add_parser(
+        "detector",
+        help="a trained detector checkpoint (detector.pt) to ONNX",
+        description="Export a trained detector checkpoint to ONNX, then run both on the same images: exit status 1 "
+        f"when ONNX Runtime and torch differ by more than {RAW_BOX_ATOL_PX:g} px (raw boxes, network input) or "
+        f"{RAW_SCORE_ATOL:g} (raw scores), or when a box after NMS is more than {BOX_ATOL_PX:g} image px from "
+        "every box of the other side.",
+    )
     det.add_argument("--weights", type=Path, required=True, help="trained checkpoint (run folder's fold_K/detector.pt)")
     det.add_argument("--out", type=Path, required=True, help="ONNX file to write")
     det.add_argument("--img-size", type=int, default=512, help="network input side the graph is traced at (512)")

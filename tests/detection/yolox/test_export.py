@@ -11,7 +11,7 @@ import pytest
 
 from cytologia.data.errors import CytologiaInputError
 from cytologia.detection import load_detector
-from cytologia.detection.export import BOX_ATOL_PX, RAW_BOX_ATOL_PX
+from cytologia.detection.export import BOX_ATOL_PX, RAW_BOX_ATOL_PX, RAW_SCORE_ATOL, OnnxDetector
 from cytologia.detection.yolox.export import OnnxYolox, benchmark, verify_onnx
 
 
@@ -46,6 +46,24 @@ def test_onnx_runtime_matches_torch(exported, tiny_set) -> None:
     assert report.box_max_abs_px <= BOX_ATOL_PX and report.images_with_count_mismatch == 0
     boxes = OnnxYolox(path).predict(tiny_set.paths[:2], img_size=96, tta_flip=True)
     assert set(boxes["tta"]) == {"none", "hflip"}
+
+
+@pytest.mark.parametrize("row, offset", [(0, 2 * RAW_BOX_ATOL_PX), (4, 2 * RAW_SCORE_ATOL)])
+def test_parity_fails_past_the_tolerance(exported, tiny_set, monkeypatch, row: int, offset: float) -> None:
+    """ONNX Runtime's raw output broken on purpose (a box coordinate or the score, twice its tolerance): not passed."""
+    weights, path = exported
+    run_graph = OnnxDetector.forward
+
+    def off(self: OnnxDetector, x: np.ndarray) -> np.ndarray:
+        raw = run_graph(self, x).copy()
+        raw[:, row] += offset
+        return raw
+
+    monkeypatch.setattr(OnnxDetector, "forward", off)
+    report = verify_onnx(load_detector(weights, backend="yolox"), path, tiny_set.paths[:2], 96)
+    assert not report.passed and report.summary().endswith(": FAIL")
+    measured = report.raw_box_max_abs_px if row < 4 else report.raw_score_max_abs
+    assert measured == pytest.approx(offset, rel=0.05)  # the offset plus the fp32 difference of the two runtimes
 
 
 def test_benchmark_reports_both_runtimes(exported, tiny_set) -> None:
