@@ -83,6 +83,35 @@ class _Steps:
         log.info("[%d/%d] %s done in %.1f s", self.i, self.n, name, self.times[name])
 
 
+class _QuietSteps:
+    """A step runner whose steps keep libjpeg's warnings off the console: each step that decoded damaged JPEGs logs
+    one line, the list of images written next to its outputs (``jpeg_warnings.csv`` in the folder of its ``done``
+    file; ``jpeg_warnings_<step>.csv`` in the run folder for a step without one). Everything else is the wrapped
+    runner's (its ``times``, ...)."""
+
+    def __init__(self, steps: Callable[[str, Path | None, Callable[[], object]], None], run_dir: Path) -> None:
+        self.steps = steps
+        self.run_dir = run_dir
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.steps, name)
+
+    def __call__(self, name: str, done: Path | None, fn: Callable[[], object]) -> None:
+        from cytologia.data.images import JPEG_WARNINGS_FILE, capture_jpeg_warnings
+
+        if done is not None:
+            report = done.parent / JPEG_WARNINGS_FILE
+        else:
+            slug = "".join(c if c.isalnum() else "_" for c in name)
+            report = self.run_dir / f"{Path(JPEG_WARNINGS_FILE).stem}_{slug}.csv"
+
+        def quiet() -> object:
+            with capture_jpeg_warnings(report, label=name):
+                return fn()
+
+        self.steps(name, done, quiet)
+
+
 def _clean_data_folder(root: Path, clean_dir: Path, out: Path) -> None:
     """A data folder whose train.csv is the cleaned table; images, folds and the rest are links to ``root``'s."""
     out.mkdir(parents=True, exist_ok=True)
@@ -117,7 +146,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, object]:
         raise CytologiaInputError("config key pipeline.classifiers is empty: the pipeline needs at least one")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    steps = _Steps(run_dir, 8 + len(p.classifiers) + int(p.single_stage.enabled))
+    steps = _QuietSteps(_Steps(run_dir, 8 + len(p.classifiers) + int(p.single_stage.enabled)), run_dir)
     root = Path(cfg.data.root)
     state: dict[str, object] = {}
 
@@ -260,8 +289,10 @@ def _detector(cfg: DictConfig, out: Path) -> None:
 
 def _classifier(cfg: DictConfig, out: Path) -> None:
     from cytologia.classification.stage import run as run_classifier
+    from cytologia.console import route_lightning_logs
     from cytologia.provenance import write_run_info
 
+    route_lightning_logs()  # importing Lightning (just now, in a pipeline) gave it a console handler of its own
     write_run_info(out, cfg, extra={"stage": "classifier", "pipeline_step": True})
     run_classifier(cfg, out)
 

@@ -69,4 +69,12 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, object]:
             "%s, nothing trained", typed.stage, run_dir,
         )  # fmt: skip
         return {"run_dir": str(run_dir), "stage": typed.stage, "trained": False}
-    return {"run_dir": str(run_dir), "stage": typed.stage, "trained": True, **stage(typed, run_dir)}
+    from cytologia.console import route_lightning_logs
+    from cytologia.data.images import JPEG_WARNINGS_FILE, capture_jpeg_warnings
+
+    route_lightning_logs()  # a stage module that imported Lightning gave it a console handler of its own
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    report = run_dir / (JPEG_WARNINGS_FILE if rank == 0 else f"rank{rank}_{JPEG_WARNINGS_FILE}")
+    with capture_jpeg_warnings(report, label=typed.stage):  # libjpeg's warnings: one line, not one per decode
+        results = stage(typed, run_dir)
+    return {"run_dir": str(run_dir), "stage": typed.stage, "trained": True, **results}

@@ -28,7 +28,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from cytologia.data.errors import CytologiaInputError
-from cytologia.data.images import thread_map
+from cytologia.data.images import imread, thread_map
 from cytologia.data.schema import BOX_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def phash_array(gray: np.ndarray) -> int:
 
 
 def _phash_file(path: Path) -> int | None:
-    gray = cv2.imread(str(path), cv2.IMREAD_REDUCED_GRAYSCALE_4 | cv2.IMREAD_IGNORE_ORIENTATION)
+    gray = imread(path, cv2.IMREAD_REDUCED_GRAYSCALE_4 | cv2.IMREAD_IGNORE_ORIENTATION)
     if gray is None or gray.size == 0:
         return None
     return phash_array(gray)
@@ -106,7 +106,7 @@ def perceptual_hash(path: str | Path) -> int:
 
 def pixel_hash(path: str | Path) -> str | None:
     """Hex BLAKE2b digest of the decoded BGR pixels and their shape; None when the file cannot be decoded."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    image = imread(path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if image is None:
         return None
     digest = hashlib.blake2b(digest_size=16)

@@ -13,6 +13,13 @@ do not run checks concurrently with unrelated decoding. Junk short enough to be 
 
 Repair never touches an original: :func:`repair_jpeg` re-encodes the decodable pixels into a cache folder under the
 same name, and :func:`resolve_image` returns that copy when there is one.
+
+Training decodes the same damaged files every epoch, and libjpeg prints its warning each time, from C, where Python's
+``warnings`` cannot catch it. :func:`capture_jpeg_warnings` keeps them off the console for a block (a pipeline stage):
+file descriptor 2 goes to a temporary file, a thread copies everything else on to the real standard error as it comes
+(progress bars stay live, tracebacks and Python warnings pass), and the block ends with one line that counts the
+images, their list written to a CSV file. The image a message is about is known when it was decoded through
+:func:`decode`, :func:`imread` or a reader wrapped by :func:`attributed` (ultralytics' is).
 """
 
 from __future__ import annotations
@@ -26,9 +33,10 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import wraps
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, Any, TypeVar
 
 import cv2
 import numpy as np
@@ -57,6 +65,24 @@ _EXTRANEOUS_RE = re.compile(r"Corrupt JPEG data: (\d+) extraneous bytes before m
 _LIBJPEG_LINE = re.compile(r"(Corrupt JPEG data|Premature end of JPEG file|JPEG|Invalid|Bogus|Warning)", re.I)
 # Markers without a length field: TEM, RST0-7, SOI, EOI.
 _STANDALONE = frozenset({0x01, *range(0xD0, 0xD8), 0xD8, 0xD9})
+# libjpeg's warnings (jerror.h, JWRN_*) as its default error manager prints them: one line, written whole by one
+# fprintf, at most one per decoded image. Only these are kept off the console; any other output passes.
+_LIBJPEG_WARNING = re.compile(
+    rb"(?:Corrupt JPEG data: [^\n]{1,120}|Premature end of JPEG file|Invalid SOS parameters for sequential JPEG"
+    rb"|Inconsistent progression sequence for component \d+ coefficient \d+|Unknown Adobe color transform code \d+"
+    rb"|Warning: unknown JFIF revision number \d+\.\d+|Warning: thumbnail image size does not match data length \d+"
+    rb"|Application transferred too many scanlines)\n"
+)
+_LIBJPEG_STARTS: tuple[bytes, ...] = (
+    b"Corrupt JPEG data: ", b"Premature end of JPEG file", b"Invalid SOS parameters", b"Inconsistent progression",
+    b"Unknown Adobe color", b"Warning: unknown JFIF", b"Warning: thumbnail image", b"Application transferred",
+)  # fmt: skip
+JPEG_WARNINGS_FILE = "jpeg_warnings.csv"  # per-image list a capture writes next to its stage's outputs
+JPEG_WARNING_COLUMNS: tuple[str, ...] = ("image", "messages", "message")
+UNNAMED = "(decoder did not name the image)"  # ``image`` of the row counting messages no decode claimed
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 
 def _read_bytes(path: Path) -> bytes:
@@ -107,10 +133,44 @@ def decode(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise CytologiaInputError(f"{path}: image file not found")
-    image = cv2.imread(str(path), _DECODE_FLAGS)
+    image = imread(path, _DECODE_FLAGS)
     if image is None:
         raise CytologiaInputError(f"{path}: cannot decode image ({path.stat().st_size} bytes)")
     return image
+
+
+def imread(path: str | Path, flags: int = _DECODE_FLAGS) -> np.ndarray | None:
+    """``cv2.imread(path, flags)`` (None when unreadable) that names the file to an active
+    :func:`capture_jpeg_warnings`, so that libjpeg's message is listed under it."""
+    tap = _StderrTap.current()
+    if tap is None:
+        return cv2.imread(str(path), flags)
+    start = tap.mark()
+    try:
+        return cv2.imread(str(path), flags)
+    finally:
+        tap.note(str(path), start)
+
+
+def attributed(read: Callable[..., _R]) -> Callable[..., _R]:
+    """``read(path, ...)`` (a third-party image reader) wrapped like :func:`imread`: what libjpeg prints while it
+    runs is listed under ``path`` by an active :func:`capture_jpeg_warnings`. Wrapping twice wraps once."""
+    if getattr(read, "_cytologia_attributed", False):
+        return read
+
+    @wraps(read)
+    def wrapper(path: Any, *args: Any, **kwargs: Any) -> _R:
+        tap = _StderrTap.current()
+        if tap is None:
+            return read(path, *args, **kwargs)
+        start = tap.mark()
+        try:
+            return read(path, *args, **kwargs)
+        finally:
+            tap.note(str(path), start)
+
+    wrapper._cytologia_attributed = True  # type: ignore[attr-defined]
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -178,6 +238,216 @@ def decode_checked(path: str | Path) -> tuple[np.ndarray | None, list[str]]:
     with _Fd2Capture.capture() as lines:
         image = cv2.imread(str(path), _DECODE_FLAGS)
     return image, lines
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    while data:
+        try:
+            n = os.write(fd, data)
+        except InterruptedError:
+            continue
+        except OSError:  # the console went away: nothing to do about it here
+            return
+        data = data[n:]
+
+
+def _maybe_libjpeg(tail: bytes) -> int:
+    """Length of the end of ``tail`` that may be the start of a libjpeg warning not fully read yet (0: none)."""
+    tail = tail[max(tail.rfind(b"\n"), tail.rfind(b"\r")) + 1 :][-160:]  # a warning line is shorter than that
+    for i in range(len(tail)):
+        rest = tail[i:]
+        if any(start.startswith(rest) or rest.startswith(start) for start in _LIBJPEG_STARTS):
+            return len(rest)
+    return 0
+
+
+class _StderrTap:
+    """File descriptor 2 -> an unlinked temporary file (appended to) while active. A thread copies what arrives on to
+    the previous descriptor 2 every :attr:`POLL_S` seconds, except libjpeg's warnings, which it keeps with their
+    offset in the file. Decodes record the span of the file written while they ran (:meth:`mark`, :meth:`note`), which
+    names the image of each warning. Taps nest (last in, first out): an inner one passes output on to the outer one.
+
+    Child processes forked inside (data-loading workers) inherit the descriptor: their output passes the same way,
+    their warnings are counted but not attributed; what a child writes after the tap closed is lost."""
+
+    POLL_S = 0.05
+    MAX_SPANS = 100_000  # spans kept per tap (only decodes during which something was written are kept)
+    _stack: list[_StderrTap] = []
+
+    def __init__(self) -> None:
+        self.out = os.dup(2)  # the standard error of before: where everything else goes, and what fd 2 gets back
+        fd, name = tempfile.mkstemp(prefix="cytologia-stderr-")
+        try:
+            self.wfd = os.open(name, os.O_WRONLY | os.O_APPEND)
+            self.rfd = os.open(name, os.O_RDONLY)
+        except OSError:
+            os.close(self.out)
+            raise
+        finally:
+            os.close(fd)
+            os.unlink(name)
+        self.pos = 0  # bytes of the file read so far
+        self.pending = b""  # read, but possibly the start of a libjpeg warning: held for one more read
+        self.found: list[tuple[int, str]] = []  # (offset in the file, libjpeg warning)
+        self.spans: list[tuple[str, int, int]] = []  # (image, start, end) of decodes that saw output
+        self.closed = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cytologia-stderr-tap", daemon=True)
+
+    @classmethod
+    def current(cls) -> _StderrTap | None:
+        return cls._stack[-1] if cls._stack else None
+
+    def mark(self) -> int:
+        try:
+            return os.fstat(self.wfd).st_size
+        except OSError:  # closed meanwhile (a decode still running in another thread when the block ended)
+            return -1
+
+    def note(self, image: str, start: int) -> None:
+        if self.closed or start < 0:
+            return
+        end = self.mark()
+        if end > start and len(self.spans) < self.MAX_SPANS:
+            self.spans.append((image, start, end))
+
+    def open(self) -> None:
+        os.dup2(self.wfd, 2)
+        _StderrTap._stack.append(self)
+        self._thread.start()
+
+    def close(self) -> None:
+        _StderrTap._stack.remove(self)
+        os.dup2(self.out, 2)
+        self._stop.set()
+        self._thread.join()
+        self._pump(final=True)
+        self.closed = True
+        for fd in (self.wfd, self.rfd, self.out):
+            os.close(fd)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.POLL_S):
+            self._pump(final=False)
+
+    def _pump(self, final: bool) -> None:
+        fresh = False
+        while True:
+            size = os.fstat(self.rfd).st_size
+            if size <= self.pos:
+                break
+            chunk = os.pread(self.rfd, min(size - self.pos, 1 << 20), self.pos)
+            if not chunk:
+                break
+            fresh = True
+            base = self.pos - len(self.pending)  # file offset of buf[0]
+            buf = self.pending + chunk
+            self.pos += len(chunk)
+            passed, last = [], 0
+            for m in _LIBJPEG_WARNING.finditer(buf):
+                passed.append(buf[last : m.start()])
+                self.found.append((base + m.start(), m.group().decode("ascii", "replace").strip()))
+                last = m.end()
+            rest = buf[last:]
+            held = 0 if final else _maybe_libjpeg(rest)
+            passed.append(rest[: len(rest) - held])
+            self.pending = rest[len(rest) - held :]
+            _write_all(self.out, b"".join(passed))
+        # libjpeg writes a warning in one call: a start still incomplete one read later is someone else's output
+        if self.pending and (final or not fresh):
+            _write_all(self.out, self.pending)
+            self.pending = b""
+
+
+@dataclass
+class JpegWarnings:
+    """What libjpeg printed during a :func:`capture_jpeg_warnings` block: ``per_image`` maps an image to its
+    messages (in order), ``unattributed`` holds the messages of decodes that did not name their image."""
+
+    per_image: dict[str, list[str]] = field(default_factory=dict)
+    unattributed: list[str] = field(default_factory=list)
+
+    @property
+    def n_messages(self) -> int:
+        return sum(map(len, self.per_image.values())) + len(self.unattributed)
+
+    def table(self) -> pd.DataFrame:
+        """One row per image (and one for the unattributed messages): :data:`JPEG_WARNING_COLUMNS`."""
+        rows = [(k, len(v), "; ".join(dict.fromkeys(v))) for k, v in sorted(self.per_image.items())]
+        if self.unattributed:
+            rows.append((UNNAMED, len(self.unattributed), "; ".join(dict.fromkeys(self.unattributed))))
+        return pd.DataFrame(rows, columns=list(JPEG_WARNING_COLUMNS))
+
+    def summary(self, label: str, path: Path) -> str:
+        """The one console line of a block; ``path``: where the list is."""
+        n, u = len(self.per_image), len(self.unattributed)
+        what = f"{n} image(s) decoded with JPEG warnings" + (
+            f", and {u} warning(s) from decodes that did not name their image" if u else ""
+        )
+        return f"{label + ': ' if label else ''}{what} (list in {path}; {self.n_messages} libjpeg line(s) not printed)"
+
+
+def _attribute(tap: _StderrTap, result: JpegWarnings) -> None:
+    """Name the image of each warning: the decode whose span holds it; several overlapping (threads): the one whose
+    own check (:func:`check_jpeg`) prints that warning."""
+    checked: dict[str, str] = {}
+    for offset, text in tap.found:
+        names = sorted({p for p, s, e in tap.spans if s <= offset < e})
+        if len(names) > 1:
+            for p in names:
+                if p not in checked:
+                    checked[p] = check_jpeg(p).message
+            names = [p for p in names if text in checked[p]]
+        if names:  # a link (ultralytics' dataset folders) counts as the image it points to
+            result.per_image.setdefault(os.path.realpath(names[0]), []).append(text)
+        else:
+            result.unattributed.append(text)
+
+
+@contextmanager
+def capture_jpeg_warnings(report: str | Path | None = None, label: str = "") -> Iterator[JpegWarnings]:
+    """Keep libjpeg's warnings off the console for the block; yields the :class:`JpegWarnings` filled at its end.
+
+    Everything else written to the standard error (progress bars, Python warnings, tracebacks, other libraries'
+    messages) still reaches it while the block runs. At the end, when libjpeg printed anything: with ``report`` (a
+    CSV path, :data:`JPEG_WARNING_COLUMNS`), the list is written there and one line is logged, e.g. ``detector: 2
+    image(s) decoded with JPEG warnings (list in ...)``; a list left there by an earlier run that now sees none is
+    removed. Without a usable descriptor 2 (an embedded interpreter), nothing is captured.
+    """
+    result = JpegWarnings()
+    try:
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+        tap = _StderrTap()
+    except (OSError, ValueError, AttributeError):
+        yield result
+        return
+    tap.open()
+    try:
+        yield result
+    finally:
+        if sys.stderr is not None:
+            try:
+                sys.stderr.flush()  # Python-level text written in the block goes through the tap, in order
+            except (OSError, ValueError):
+                pass
+        tap.close()
+        _attribute(tap, result)
+        if report is not None:
+            _write_jpeg_report(result, Path(report), label)
+
+
+def _write_jpeg_report(result: JpegWarnings, path: Path, label: str) -> None:
+    if not result.n_messages:
+        path.unlink(missing_ok=True)
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        result.table().to_csv(path, index=False)
+    except OSError as err:
+        log.warning("%s: cannot write the list of JPEG warnings to %s (%s)", label, path, err)
+    log.info(result.summary(label, path))
 
 
 def _structure(data: bytes) -> tuple[str | None, str]:
@@ -251,10 +521,6 @@ def check_jpeg(path: str | Path) -> JpegCheck:
     else:
         status = OK
     return JpegCheck(str(path), status, "; ".join(messages), extraneous, w, h)
-
-
-_T = TypeVar("_T")
-_R = TypeVar("_R")
 
 
 def thread_map(fn: Callable[[_T], _R], items: list[_T], workers: int | None) -> list[_R]:

@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image, JpegImagePlugin
 
+from cytologia.data.images import imread
+
 if TYPE_CHECKING:
     from sklearn.cluster import KMeans
 
@@ -102,7 +104,7 @@ def read_image_features(path: Path) -> dict[str, object]:
         return row
     # IMREAD_REDUCED_COLOR_4 lets libjpeg decode at 1/4 scale (DCT scaling): ~5x faster than a full decode and
     # plenty for global colour statistics.
-    small = cv2.imread(str(path), cv2.IMREAD_REDUCED_COLOR_4)
+    small = imread(path, cv2.IMREAD_REDUCED_COLOR_4)
     if small is None or small.size == 0:
         return row
     # Float L*a*b* (L 0..100, a/b about -100..100): the 8-bit conversion rounds a and b to whole steps, which made

@@ -46,6 +46,7 @@ import pandas as pd
 import torch
 import torchvision  # noqa: F401  (ultralytics' NMS uses torchvision's kernel only when torchvision is imported)
 import ultralytics
+import ultralytics.data.base as ul_data_base
 import yaml
 from ultralytics.data.utils import IMG_FORMATS
 from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator
@@ -55,7 +56,7 @@ from ultralytics.utils.nms import non_max_suppression
 
 # importing this module imported cytologia first, which set the offline environment before ultralytics was imported
 from cytologia.data.errors import CytologiaInputError
-from cytologia.data.images import image_sizes, resolve_image
+from cytologia.data.images import attributed, image_sizes, resolve_image
 from cytologia.data.schema import BOX_COLUMNS
 from cytologia.detection.letterbox import Frame, detect_in_batches, to_image_pixels
 from cytologia.detection.oof import known_count_giou
@@ -72,6 +73,8 @@ from cytologia.offline import install_yolo_fonts, tame_ultralytics
 log = logging.getLogger(__name__)
 install_yolo_fonts(USER_CONFIG_DIR)
 tame_ultralytics()  # PIL.Image.open must keep raising UnidentifiedImageError, with no pip call
+# its training/validation loaders decode through this: libjpeg's warnings then name the image (capture_jpeg_warnings)
+ul_data_base.imread = attributed(ul_data_base.imread)
 
 # family -> architecture yaml inside the ultralytics package; the scales (n, s, m, l, x) are read from the yaml.
 # Families with an NMS-free end-to-end head (v10, 26) are left out: their output layout differs.
