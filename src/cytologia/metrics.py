@@ -46,6 +46,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
+from cytologia.boxes import EPS, giou_columns
 from cytologia.data.errors import CytologiaInputError, ValidationError
 from cytologia.data.schema import BOX_COLUMNS, CLASSES, NO_PREDICTION, SUBMISSION_COLUMNS
 
@@ -53,7 +54,7 @@ log = logging.getLogger(__name__)
 
 GIOU_WEIGHT = 0.2
 F1_WEIGHT = 0.8
-GIOU_EPS = 1e-7  # the reference's floor on the union and enclosing areas before dividing
+GIOU_EPS = EPS  # the reference's floor on the union and enclosing areas before dividing (cytologia.boxes)
 MAX_PROBLEMS = 20  # problems listed in one validation error (the total is always given)
 TRUTH_COLUMNS: tuple[str, ...] = SUBMISSION_COLUMNS  # trustii_id, NAME, x1, y1, x2, y2, class
 
@@ -109,56 +110,12 @@ class ScoreResult:
         }
 
 
-def _giou(
-    ax1: np.ndarray,
-    ay1: np.ndarray,
-    ax2: np.ndarray,
-    ay2: np.ndarray,
-    bx1: np.ndarray,
-    by1: np.ndarray,
-    bx2: np.ndarray,
-    by2: np.ndarray,
-) -> np.ndarray:
-    """The reference's GIoU on coordinate columns (1-D float64 arrays of one length)."""
-    # The operation order is the reference's, term by term (metrics_reference._giou repeats it, so both round
-    # identically):
-    #   inter = max(min(ax2, bx2) - max(ax1, bx1), 0) * max(min(ay2, by2) - max(ay1, by1), 0)
-    #   union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter
-    #   enclose = (max(ax2, bx2) - min(ax1, bx1)) * (max(ay2, by2) - min(ay1, by1))
-    #   giou = inter / max(union, eps) - (enclose - union) / max(enclose, eps)
-    # computed in place in five buffers: fresh temporaries for every step cost more than the arithmetic.
-    inter, union, a, b, c = (np.empty(len(ax1)) for _ in range(5))
-    with np.errstate(invalid="ignore"):  # inf - inf or 0 * inf from infinite coordinates: NaN, as in the reference
-        np.minimum(ax2, bx2, out=inter)
-        inter -= np.maximum(ax1, bx1, out=c)
-        np.maximum(inter, 0, out=inter)
-        np.minimum(ay2, by2, out=a)
-        a -= np.maximum(ay1, by1, out=c)
-        inter *= np.maximum(a, 0, out=a)
-        np.subtract(ax2, ax1, out=union)
-        union *= np.subtract(ay2, ay1, out=c)
-        np.subtract(bx2, bx1, out=a)
-        a *= np.subtract(by2, by1, out=c)
-        union += a
-        union -= inter
-        inter /= np.maximum(union, GIOU_EPS, out=c)  # inter is now the IoU
-        np.maximum(ax2, bx2, out=a)
-        a -= np.minimum(ax1, bx1, out=c)
-        np.maximum(ay2, by2, out=b)
-        b -= np.minimum(ay1, by1, out=c)
-        a *= b  # the enclosing area
-        np.subtract(a, union, out=union)
-        union /= np.maximum(a, GIOU_EPS, out=a)
-        inter -= union
-    return inter
-
-
 def giou_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Generalised IoU of paired boxes ``a[i]`` vs ``b[i]`` (``(n, 4)`` x1, y1, x2, y2 arrays), as the reference
     computes it: unclipped areas, divisions guarded by ``max(., 1e-7)``; NaN coordinates give NaN."""
     a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
     b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    return _giou(*a.T, *b.T)
+    return giou_columns(*a.T, *b.T)
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[float, tuple[str, ...], np.ndarray, pd.DataFrame]:
@@ -492,7 +449,7 @@ def score(truth: pd.DataFrame, pred: pd.DataFrame) -> ScoreResult:
     offsets = np.arange(len(pair_truth)) - pair_start[pair_truth]
     pair_pred = p_order[image_start[img_codes][pair_truth] + offsets]  # index into the kept arrays
     t_cols = [t_box[:, j] for j in range(4)]
-    g = _giou(*(col[pair_truth] for col in t_cols), *(col[pair_pred] for col in p_cols))
+    g = giou_columns(*(col[pair_truth] for col in t_cols), *(col[pair_pred] for col in p_cols))
     # np.argmax's choice per truth row: the first NaN if there is one, else the first maximum. The pairs of a truth
     # row are contiguous and in prediction order, so segment reductions (reduceat) find it without sorting.
     rows = np.flatnonzero(count > 0)

@@ -271,9 +271,9 @@ def train_single_stage(
         _amp_check_offline,
         _history,
         keep_torch_threads,
-        resolve_device,
         write_yolo_dataset,
     )
+    from cytologia.device import ultralytics_device
 
     start, cpu_start = time.perf_counter(), cpu_seconds()
     out_dir = Path(out_dir)
@@ -303,7 +303,7 @@ def train_single_stage(
         "lr0": settings.lr,
         "optimizer": settings.optimizer,
         "patience": settings.patience,
-        "device": resolve_device(settings.device),
+        "device": ultralytics_device(settings.device),
         "workers": settings.workers,
         "amp": settings.amp,
         "seed": settings.seed,

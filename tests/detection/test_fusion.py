@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 from ensemble_boxes import weighted_boxes_fusion as reference_wbf
 
+from cytologia.boxes import pairwise_iou
 from cytologia.data.errors import CytologiaInputError, ValidationError
 from cytologia.detection.fusion import (
     PAD_ORDER,
     PRIOR_REL_SIDE,
-    iou_matrix,
     known_count,
     nms,
     open_world,
@@ -163,8 +163,8 @@ def test_wbf_on_random_clusters_recovers_the_cells() -> None:
     assert out.groupby("NAME").size().eq(2).all()
     fused_iou, single_iou = [], []
     for name, cells in truth.items():
-        fused_iou += iou_matrix(_xyxy(out[out["NAME"] == name]), cells).max(axis=1).tolist()
-        single_iou += iou_matrix(_xyxy(table[table["NAME"] == name]), cells).max(axis=1).tolist()
+        fused_iou += pairwise_iou(_xyxy(out[out["NAME"] == name]), cells).max(axis=1).tolist()
+        single_iou += pairwise_iou(_xyxy(table[table["NAME"] == name]), cells).max(axis=1).tolist()
     # the weighted mean of 4 noisy boxes is closer to the cell than one box is
     assert np.mean(fused_iou) > np.mean(single_iou) + 0.02
     assert min(fused_iou) > 0.85

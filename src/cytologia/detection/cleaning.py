@@ -35,9 +35,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cytologia.boxes import iou as aligned_iou
+from cytologia.boxes import pairwise_iou
 from cytologia.data.errors import CytologiaInputError, ValidationError
 from cytologia.data.schema import BOX_COLUMNS
-from cytologia.detection.fusion import iou_matrix, weighted_box_fusion
+from cytologia.detection.fusion import IOU_EPS, weighted_box_fusion
 from cytologia.detection.oof import validate_boxes
 from cytologia.metrics import giou_pairs
 
@@ -205,7 +207,8 @@ def _duplicates(img: np.ndarray, box_id: np.ndarray, xyxy: np.ndarray, thr: floa
         if e - s < 2:
             continue
         rows = order[s:e]
-        earlier = np.triu(iou_matrix(xyxy[rows], xyxy[rows]) >= thr, k=1)  # [i, j]: j repeats the earlier i
+        same = pairwise_iou(xyxy[rows], xyxy[rows], eps=IOU_EPS) >= thr
+        earlier = np.triu(same, k=1)  # [i, j]: j repeats the earlier i
         dup[rows[earlier.any(axis=0)]] = True
     return dup
 
@@ -276,7 +279,7 @@ def clean_annotations(
     pairs = left.merge(right, on="img", how="inner")
     ti, di = pairs["ti"].to_numpy(), pairs["di"].to_numpy()
     pairs["giou"] = giou_pairs(t_xyxy[ti], d_xyxy[di])
-    pairs["iou"] = _pair_iou(t_xyxy[ti], d_xyxy[di])
+    pairs["iou"] = aligned_iou(t_xyxy[ti], d_xyxy[di], eps=IOU_EPS)
     chosen = pairs.iloc[_assign(pairs["img"].to_numpy(), ti, di, pairs["giou"].to_numpy())] if len(pairs) else pairs
     chosen = chosen[chosen["iou"].to_numpy() >= cfg.match_iou]
 
@@ -303,7 +306,7 @@ def clean_annotations(
     if len(det):
         all_pairs = pd.DataFrame({"img": t_img, "ti": np.arange(n)}).merge(right, on="img", how="inner")
         if len(all_pairs):
-            iou_all = _pair_iou(t_xyxy[all_pairs["ti"].to_numpy()], d_xyxy[all_pairs["di"].to_numpy()])
+            iou_all = aligned_iou(t_xyxy[all_pairs["ti"].to_numpy()], d_xyxy[all_pairs["di"].to_numpy()], eps=IOU_EPS)
             d_best = pd.Series(iou_all).groupby(all_pairs["di"].to_numpy()).max().reindex(np.arange(len(det)))
             d_best = d_best.fillna(0.0).to_numpy()
     d_matched = np.zeros(len(det), dtype=bool)
@@ -404,14 +407,6 @@ def clean_annotations(
         log.warning("%s: %d of %d training images have no detection at all -- is it the out-of-fold table of this "
                     "data set?", source, counts["images_without_detection"], images)  # fmt: skip
     return CleaningResult(cleaned=cleaned, report=report, counts=counts)
-
-
-def _pair_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    iw = np.minimum(a[:, 2], b[:, 2]) - np.maximum(a[:, 0], b[:, 0])
-    ih = np.minimum(a[:, 3], b[:, 3]) - np.maximum(a[:, 1], b[:, 1])
-    inter = np.maximum(iw, 0.0) * np.maximum(ih, 0.0)
-    union = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]) + (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]) - inter
-    return inter / np.maximum(union, 1e-12)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -539,7 +534,8 @@ def evaluate_cleaning(report: pd.DataFrame, noise: pd.DataFrame, cell_iou: float
         c_idx = np.flatnonzero(cells["NAME"].to_numpy() == name)
         if not len(c_idx):
             continue
-        iou = iou_matrix(flags.loc[f_idx, list(BOX_COLUMNS)].to_numpy(), cells.loc[c_idx, list(BOX_COLUMNS)].to_numpy())
+        f_box, c_box = flags.loc[f_idx, list(BOX_COLUMNS)].to_numpy(), cells.loc[c_idx, list(BOX_COLUMNS)].to_numpy()
+        iou = pairwise_iou(f_box, c_box, eps=IOU_EPS)
         for _ in range(min(iou.shape)):
             i, j = np.unravel_index(np.argmax(iou), iou.shape)
             if iou[i, j] < cell_iou:

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
+from cytologia.boxes import best_overlap, giou, iou, pairwise_giou
 from cytologia.data.errors import CytologiaInputError
 from cytologia.data.schema import BOX_COLUMNS
 from cytologia.detection.oof import validate_boxes
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 FUSED = "fused"
 PAD_PREFIX = "pad:"
 CONF_TYPES: tuple[str, ...] = ("avg", "max")
+IOU_EPS = 1e-12  # floor on the union in the IoU of WBF and NMS (ensemble-boxes has none: its boxes have an area)
 
 # ----------------------------------------------------------------------------------------------------------------
 # Padding for the known-count rule.
@@ -108,41 +110,6 @@ def _groups(names: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     starts = np.concatenate([[0], change])
     ends = np.concatenate([change, [len(names)]])
     return starts, ends
-
-
-def _iou_one_many(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one box against (k, 4) boxes."""
-    iw = np.minimum(boxes[:, 2], box[2]) - np.maximum(boxes[:, 0], box[0])
-    ih = np.minimum(boxes[:, 3], box[3]) - np.maximum(boxes[:, 1], box[1])
-    inter = np.maximum(iw, 0.0) * np.maximum(ih, 0.0)
-    union = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) + (box[2] - box[0]) * (box[3] - box[1]) - inter
-    return inter / np.maximum(union, 1e-12)
-
-
-def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(n, m) IoU of two sets of x1, y1, x2, y2 boxes."""
-    a = np.asarray(a, np.float64).reshape(-1, 4)[:, None, :]
-    b = np.asarray(b, np.float64).reshape(-1, 4)[None, :, :]
-    iw = np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0])
-    ih = np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1])
-    inter = np.maximum(iw, 0.0) * np.maximum(ih, 0.0)
-    union = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1]) + (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-    return inter / np.maximum(union - inter, 1e-12)
-
-
-def giou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """(n, m) generalised IoU of two sets of boxes (valid boxes; the score's formula for those)."""
-    a = np.asarray(a, np.float64).reshape(-1, 4)[:, None, :]
-    b = np.asarray(b, np.float64).reshape(-1, 4)[None, :, :]
-    iw = np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0])
-    ih = np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1])
-    inter = np.maximum(iw, 0.0) * np.maximum(ih, 0.0)
-    union = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1]) + (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
-    union = union - inter
-    enclose = (np.maximum(a[..., 2], b[..., 2]) - np.minimum(a[..., 0], b[..., 0])) * (
-        np.maximum(a[..., 3], b[..., 3]) - np.minimum(a[..., 1], b[..., 1])
-    )
-    return inter / np.maximum(union, 1e-7) - (enclose - union) / np.maximum(enclose, 1e-7)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -236,11 +203,7 @@ def weighted_box_fusion(
     if len(two):
         i0, i1 = starts[two], starts[two] + 1
         b0, b1, s0, s1 = xyxy[i0], xyxy[i1], wscore[i0], wscore[i1]
-        iw = np.minimum(b0[:, 2], b1[:, 2]) - np.maximum(b0[:, 0], b1[:, 0])
-        ih = np.minimum(b0[:, 3], b1[:, 3]) - np.maximum(b0[:, 1], b1[:, 1])
-        inter = np.maximum(iw, 0.0) * np.maximum(ih, 0.0)
-        union = (b0[:, 2] - b0[:, 0]) * (b0[:, 3] - b0[:, 1]) + (b1[:, 2] - b1[:, 0]) * (b1[:, 3] - b1[:, 1]) - inter
-        merge = inter / np.maximum(union, 1e-12) > iou_thr
+        merge = iou(b0, b1, eps=IOU_EPS) > iou_thr
         m, k = two[merge], ~merge
         fused = (s0[merge, None] * b0[merge] + s1[merge, None] * b1[merge]) / (s0[merge] + s1[merge])[:, None]
         raw = (s0[merge] + s1[merge]) / 2 if conf_type == "avg" else np.maximum(s0[merge], s1[merge])
@@ -290,17 +253,8 @@ def _wbf_image(
     s_max: list[float] = []
     count: list[int] = []
     for (x1, y1, x2, y2), w in zip(b.tolist(), ws.tolist()):
-        area = (x2 - x1) * (y2 - y1)
-        best, best_iou = -1, iou_thr  # ensemble-boxes: a match needs IoU strictly above the threshold
-        for j, (fx1, fy1, fx2, fy2) in enumerate(fused):
-            iw = min(x2, fx2) - max(x1, fx1)
-            ih = min(y2, fy2) - max(y1, fy1)
-            if iw <= 0 or ih <= 0:
-                continue
-            inter = iw * ih
-            iou = inter / max(area + (fx2 - fx1) * (fy2 - fy1) - inter, 1e-12)
-            if iou > best_iou:
-                best, best_iou = j, iou
+        # the cluster it overlaps most (the first of equals); ensemble-boxes: a match needs IoU strictly above iou_thr
+        best = best_overlap((x1, y1, x2, y2), fused, above=iou_thr, eps=IOU_EPS)[0]
         if best < 0:
             fused.append([x1, y1, x2, y2])
             acc.append([w * x1, w * y1, w * x2, w * y2])
@@ -502,10 +456,10 @@ def pad_study(
             for r in missed:
                 cell_img.append(i)
                 cell_row.append(r)
-                base.append(giou_matrix(xyxy[r], xyxy[found]).max() if found else -np.inf)
+                base.append(pairwise_giou(xyxy[r], xyxy[found]).max() if found else -np.inf)
         cell_img_a, cell_row_a = np.array(cell_img), np.array(cell_row)
         best = np.array(base)
-        g = {c: giou_pairs_rows(cands[c][cell_img_a], xyxy[cell_row_a]) for c in cands}
+        g = {c: giou(cands[c][cell_img_a], xyxy[cell_row_a]) for c in cands}
         # pads an image gets in this situation: every cell when nothing was found, one otherwise
         n_pads = n_cells[cell_img_a] if mode is None else np.ones(len(cell_img_a), np.int64)
         chosen: list[str] = []
@@ -529,13 +483,6 @@ def pad_study(
     return pd.DataFrame(rows)
 
 
-def giou_pairs_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """GIoU of paired rows ``a[i]`` vs ``b[i]`` (valid boxes)."""
-    from cytologia.metrics import giou_pairs
-
-    return giou_pairs(np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4))
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # open world
 
@@ -551,7 +498,7 @@ def nms(xyxy: np.ndarray, scores: np.ndarray, iou_thr: float) -> np.ndarray:
             continue
         keep.append(int(order[i]))
         if i + 1 < len(order):
-            suppressed[i + 1 :] |= _iou_one_many(xyxy[i], xyxy[i + 1 :]) > iou_thr
+            suppressed[i + 1 :] |= iou(xyxy[i], xyxy[i + 1 :], eps=IOU_EPS) > iou_thr
     return np.array(keep, dtype=np.int64)
 
 

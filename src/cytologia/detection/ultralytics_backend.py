@@ -68,6 +68,7 @@ from cytologia.detection.registry import (
     TrainResult,
     TrainSettings,
 )
+from cytologia.device import resolve_device, ultralytics_device
 from cytologia.offline import install_yolo_fonts, tame_ultralytics
 
 log = logging.getLogger(__name__)
@@ -101,22 +102,6 @@ def model_names() -> list[str]:
         spec = yaml.safe_load((root / rel).read_text())
         names += [f"{family}{scale}" for scale in spec.get("scales", {})]
     return names
-
-
-def resolve_device(device: str = "auto") -> str:
-    """``auto`` -> ``"0"`` (first CUDA device) when CUDA is available, else ``"cpu"``; other values pass through."""
-    if device == "auto":
-        return "0" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def torch_device(device: str = "auto") -> torch.device:
-    """A torch device from an ultralytics-style string ("auto", "cpu", "0", "cuda:1"); several GPUs -> the first."""
-    device = resolve_device(device)
-    if device == "cpu":
-        return torch.device("cpu")
-    first = device.split(",")[0].strip()
-    return torch.device(first if first.startswith("cuda") else f"cuda:{first}")
 
 
 def offline_amp_check(model: torch.nn.Module) -> bool:
@@ -520,7 +505,7 @@ class UltralyticsDetector(Detector):
             "lr0": settings.lr,
             "optimizer": settings.optimizer,
             "patience": settings.patience,
-            "device": resolve_device(settings.device),
+            "device": ultralytics_device(settings.device),
             "workers": settings.workers,
             "amp": settings.amp,
             "seed": settings.seed,
@@ -575,7 +560,7 @@ class UltralyticsDetector(Detector):
         """The trained network (fused conv+bn, eval, fp32) on ``device``; loaded once."""
         if self.checkpoint is None:
             raise CytologiaInputError(f"{self.model}: no trained checkpoint to predict with (train first)")
-        dev = torch_device(device)
+        dev = resolve_device(device, key="detector.device")
         if self._net is None or self._net_device != dev:
             from ultralytics.nn.tasks import load_checkpoint
 

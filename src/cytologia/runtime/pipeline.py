@@ -59,17 +59,19 @@ Network = Callable[[np.ndarray], Any]  # float32 NCHW batch -> raw output (numpy
 
 # ---------------------------------------------------------------------------------------------------- networks
 def _torch_device(device: str) -> Any:
+    """The torch runtime's device for a pipeline device (auto, cpu, cuda; tensorrt runs torch on CUDA), as
+    :func:`cytologia.device.resolve_device` decides it: the default device of that type (``cuda``, no index)."""
     import torch
 
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device in ("cuda", "tensorrt"):
-        if not torch.cuda.is_available():
-            raise CytologiaInputError(f"device {device}: torch sees no CUDA device")
-        return torch.device("cuda")
-    if device == "cpu":
-        return torch.device("cpu")
-    raise CytologiaInputError(f"device {device!r} is not one of auto, cpu, cuda")
+    from cytologia.device import resolve_device
+
+    if device not in ("auto", "cpu", "cuda", "tensorrt"):
+        raise CytologiaInputError(f"device {device!r} is not one of auto, cpu, cuda")
+    try:
+        resolved = resolve_device("cuda" if device == "tensorrt" else device)
+    except CytologiaInputError:
+        raise CytologiaInputError(f"device {device}: torch sees no CUDA device") from None
+    return torch.device(resolved.type)
 
 
 def _torch_network(module: Any, device: Any, numpy_out: bool) -> Network:

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from cytologia.boxes import iou_scalar as box_iou
 from cytologia.data.synthetic.defects import (
     EOI,
     DefectRates,
-    box_iou,
     draw_shift,
     insert_extraneous_bytes,
     jitter_box,

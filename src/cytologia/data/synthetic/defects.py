@@ -39,6 +39,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from cytologia.boxes import iou_scalar
+
 NOISE_COLUMNS: tuple[str, ...] = (
     "NAME", "split", "kind", "train_row", "box_index", "class", "x1", "y1", "x2", "y2", "details",
 )  # fmt: skip
@@ -88,15 +90,6 @@ class DefectRates:
         return {k: float(v) for k, v in asdict(self).items()}
 
 
-def box_iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
-    """IoU of two (x1, y1, x2, y2) boxes."""
-    iw = max(0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def jitter_box(
     rng: np.random.Generator, box: tuple[int, int, int, int], width: int, height: int
 ) -> tuple[int, int, int, int]:
@@ -124,7 +117,7 @@ def jitter_box(
         )
         if c[2] - c[0] >= 4 and c[3] - c[1] >= 4:
             out = c
-            if box_iou(c, box) < 0.85:
+            if iou_scalar(c, box) < 0.85:
                 return c
     return out
 

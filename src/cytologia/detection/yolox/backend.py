@@ -23,7 +23,8 @@ from cytologia.detection.registry import DetectionData, Detector, TrainResult, T
 from cytologia.detection.yolox.checkpoint import init_from_weights, load_trained, read_checkpoint
 from cytologia.detection.yolox.infer import detect_images
 from cytologia.detection.yolox.model import SIZES, YOLOX, YoloxInference, build_yolox
-from cytologia.detection.yolox.train import fit, parse_train_args, torch_device
+from cytologia.detection.yolox.train import fit, parse_train_args
+from cytologia.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ class YoloxDetector(Detector):
         once."""
         if self.checkpoint is None:
             raise CytologiaInputError(f"{self.model}: no trained checkpoint to predict with (train first)")
-        dev = torch_device(device)
+        dev = resolve_device(device, key="detector.device")
         if self._net is None or self._net_device != dev:
             model, _ = load_trained(self.checkpoint)
             net = YoloxInference.from_model(model).to(dev)

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from cytologia.boxes import clip
 from cytologia.data.errors import CytologiaInputError
 from cytologia.data.images import image_sizes, resolve_image
 from cytologia.data.schema import BOX_COLUMNS
@@ -58,6 +59,7 @@ from cytologia.detection.yolox.checkpoint import save_checkpoint
 from cytologia.detection.yolox.infer import detect_images
 from cytologia.detection.yolox.losses import BOX_LOSSES, yolox_loss
 from cytologia.detection.yolox.model import YOLOX, YoloxInference
+from cytologia.device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -159,26 +161,6 @@ def parse_train_args(extra: Mapping[str, Any]) -> YoloxTrainArgs:
     return args
 
 
-# ------------------------------------------------------------------------------------------------------ device
-def torch_device(device: str = "auto") -> torch.device:
-    """``auto`` (first CUDA device, else CPU), ``cpu``, ``0``, ``cuda:1``, ``mps``; a list (``0,1``) -> the first
-    device (this backend trains on one device)."""
-    if device == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    first = device.split(",")[0].strip()
-    if "," in device:
-        log.warning("YOLOX trains on one device: using %s of %s", first, device)
-    if first.isdigit():
-        first = f"cuda:{first}"
-    try:
-        dev = torch.device(first)
-    except RuntimeError as err:
-        raise CytologiaInputError(f"detector.device={device!r} is not a device ({err})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CytologiaInputError(f"detector.device={device!r}: CUDA is not available on this machine")
-    return dev
-
-
 # ------------------------------------------------------------------------------------------------------- split
 @dataclass
 class Split:
@@ -232,7 +214,7 @@ def make_split(data: DetectionData) -> Split:
     sizes = _sizes(data, names)
     w = boxes["NAME"].map(sizes["img_w"]).to_numpy(np.float64)
     h = boxes["NAME"].map(sizes["img_h"]).to_numpy(np.float64)
-    xyxy = np.clip(boxes[list(BOX_COLUMNS)].to_numpy(np.float64), 0.0, np.stack([w, h, w, h], axis=1))
+    xyxy = clip(boxes[list(BOX_COLUMNS)].to_numpy(np.float64), w, h)
     keep = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
     skipped = int((~keep).sum())
     if skipped:
@@ -400,7 +382,7 @@ def fit(
     run_dir = out_dir / "yolox"
     run_dir.mkdir(parents=True, exist_ok=True)
     split = make_split(data)
-    device = torch_device(settings.device)
+    device = resolve_device(settings.device, key="detector.device")
     torch.manual_seed(settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)
     size = settings.img_size
