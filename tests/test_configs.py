@@ -82,9 +82,11 @@ def test_train_py_entry_point(tmp_path: Path) -> None:
     )  # fmt: skip
     assert out.returncode == 1, out.stderr
     assert "train.csv: no such file" in out.stderr and "Traceback" not in out.stderr
-    assert "vit_large_patch16_224" in out.stdout
     (run,) = list((tmp_path / "vitl224").iterdir())
     assert (run / "config.yaml").is_file() and (run / "provenance.json").is_file()
+    assert "vit_large_patch16_224" in (run / "config.yaml").read_text()
+    assert f"resolved config in {run / 'config.yaml'}" in out.stdout  # one line names it; the config is not printed
+    assert "vit_large_patch16_224" not in out.stdout
     bad = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "+exp=vitl224", "+trainer.epochz=3", f"paths.output_dir={tmp_path}"],
         capture_output=True, text=True, cwd=tmp_path, timeout=120,

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+CONFIG_FILE = "config.yaml"  # the resolved config in a run folder (write_run_info)
+
 # Packages whose versions change results; recorded when installed.
 TRACKED_PACKAGES: tuple[str, ...] = (
     "cytologia", "torch", "torchvision", "lightning", "timm", "ultralytics", "albumentations", "onnx", "onnxruntime",
@@ -71,7 +73,7 @@ def write_run_info(run_dir: Path, cfg: DictConfig | None = None, extra: dict[str
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg is not None:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
     info = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": sys.argv,

@@ -3,8 +3,8 @@
 :data:`STAGES` maps a stage name to ``"module:function"`` (imported only when that stage runs, so a detector run does
 not import timm); an experiment config picks one with ``stage:``. The function takes ``(cfg, run_dir)`` and returns a
 dict of results. A stage whose module has not landed yet (issues #4, #5, #7) is reported, not faked: the run composes,
-validates and prints the resolved config, writes it with the provenance into its run folder, and says nothing was
-trained.
+validates the config, writes it (resolved) with the provenance into its run folder, and says nothing was trained.
+The console gets one line naming that file, not the config itself.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from cytologia.config import check_config
-from cytologia.provenance import write_run_info
+from cytologia.provenance import CONFIG_FILE, write_run_info
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +58,10 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, object]:
     """Validate ``cfg``, record it, and run its stage. Returns a summary (run folder, stage, what was done)."""
     typed = check_config(cfg)
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(typed)
-    # Under DDP every process re-runs this script; only the first one records the run and prints the config.
+    # Under DDP every process re-runs this script; only the first one records the run and names its config file.
     if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
         write_run_info(run_dir, typed, extra={"stage": typed.stage, "fold": typed.fold})
-        print(OmegaConf.to_yaml(typed, resolve=True), end="")
+        log.info("%s: resolved config in %s", typed.exp_name, run_dir / CONFIG_FILE)
     stage = stage_function(typed.stage)
     if stage is None:
         log.warning(

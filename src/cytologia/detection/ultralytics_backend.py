@@ -55,6 +55,7 @@ from ultralytics.utils import ops as yolo_ops
 from ultralytics.utils.nms import non_max_suppression
 
 # importing this module imported cytologia first, which set the offline environment before ultralytics was imported
+from cytologia.console import route_ultralytics_logs
 from cytologia.data.errors import CytologiaInputError
 from cytologia.data.images import attributed, image_sizes, resolve_image
 from cytologia.data.schema import BOX_COLUMNS
@@ -74,6 +75,7 @@ from cytologia.offline import install_yolo_fonts, tame_ultralytics
 log = logging.getLogger(__name__)
 install_yolo_fonts(USER_CONFIG_DIR)
 tame_ultralytics()  # PIL.Image.open must keep raising UnidentifiedImageError, with no pip call
+route_ultralytics_logs()  # its model summaries, argument dumps, tables: to the run's log file, not the console
 # its training/validation loaders decode through this: libjpeg's warnings then name the image (capture_jpeg_warnings)
 ul_data_base.imread = attributed(ul_data_base.imread)
 
