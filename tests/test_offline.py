@@ -30,3 +30,15 @@ def test_user_values_are_respected() -> None:
     env = dict(os.environ, HF_HUB_OFFLINE="0", YOLO_CONFIG_DIR="/somewhere")
     seen = _env_after_import(env)
     assert seen["HF_HUB_OFFLINE"] == "0" and seen["YOLO_CONFIG_DIR"] == "/somewhere"
+
+
+def test_import_makes_idle_threads_sleep_unless_the_user_chose() -> None:
+    """OMP_WAIT_POLICY=PASSIVE (see cytologia.offline.THREADING_ENV): spinning threads slowed a loaded machine
+    several-fold and made process CPU time, the single-stage budget, count the waiting."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    snippet = "import os, cytologia; print(os.environ.get('OMP_WAIT_POLICY'))"
+    run = subprocess.run([sys.executable, "-c", snippet], env=env, capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    run = subprocess.run([sys.executable, "-c", snippet], env=env, capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "ACTIVE"

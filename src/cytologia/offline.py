@@ -20,6 +20,14 @@ OFFLINE_ENV: dict[str, str] = {
 }
 
 
+# Threads that wait for work sleep instead of spinning (GNU OpenMP, read when torch loads it). Measured on a 2-core VM
+# at load ~5 (resnet18, 64 px, batch 16, 40 SGD steps, 2 torch threads): the default spinning took 73-107 CPU-s and
+# 109-206 s wall, passive waiting 11-12 CPU-s and 11-26 s wall. A spinning thread burns CPU while its partner is
+# descheduled, so on a shared machine it slows training several-fold and makes process CPU time -- the single-stage
+# baseline's budget (cytologia.clock) -- count the waiting. Export OMP_WAIT_POLICY=ACTIVE to spin anyway.
+THREADING_ENV: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def yolo_config_dir() -> Path:
     """Folder ultralytics uses for its settings (and fonts); ours, so nothing in $HOME is touched."""
     base = os.environ.get("CYTOLOGIA_CACHE", str(Path.home() / ".cache" / "cytologia"))
@@ -27,8 +35,8 @@ def yolo_config_dir() -> Path:
 
 
 def apply() -> None:
-    """Set the offline variables (without overriding values the user exported)."""
-    for key, value in OFFLINE_ENV.items():
+    """Set the offline and threading variables (without overriding values the user exported)."""
+    for key, value in {**OFFLINE_ENV, **THREADING_ENV}.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("YOLO_CONFIG_DIR", str(yolo_config_dir()))
 
