@@ -19,6 +19,10 @@ FOLD_MODES: tuple[str, ...] = ("stratified", "group-source")
 LOSSES: tuple[str, ...] = ("cross_entropy", "focal", "bce", "focal_multilabel")
 # "auto": bf16 autocast where the GPU supports it, fp16 with loss scaling on other GPUs, fp32 on CPU.
 PRECISIONS: tuple[str, ...] = ("auto", "32", "32-true", "bf16-mixed", "16-mixed")
+# Which weights write the out-of-fold logits (and go into the ensemble): "last" = the last epoch's (EMA ones with
+# trainer.ema), never looking at the held-out fold; "best_val" = the epoch of best macro-F1 on the held-out fold
+# itself, which makes OOF scores and ensembles tuned on them optimistic (scripts/oof_optimism.py measures it).
+SELECT_MODES: tuple[str, ...] = ("last", "best_val")
 
 
 @dataclass
@@ -118,6 +122,7 @@ class TrainerConfig:
     accumulate_grad_batches: int = 1
     grad_clip: float | None = None  # clip the gradient norm to this value
     resume: bool = False  # continue each fold from fold_<k>/checkpoints/last.ckpt of the run folder when present
+    select: str = "last"  # checkpoint whose weights write the OOF logits: last | best_val (see SELECT_MODES)
     progress_bar: bool = True
     log_every_n_steps: int = 50
 
@@ -198,6 +203,7 @@ def _check_classifier_trainer(typed: DictConfig) -> None:
     """Ranges and choices of the classifier and trainer groups (the stage checks what needs the model registry)."""
     c, t = typed.classifier, typed.trainer
     _choice(t.precision, PRECISIONS, "trainer.precision")
+    _choice(t.select, SELECT_MODES, "trainer.select")
     for key in ("img_size", "margin"):
         _positive(c[key], f"classifier.{key}", allow_zero=key == "margin")
     for key in ("max_epochs", "batch_size", "accumulate_grad_batches", "log_every_n_steps", "lr"):

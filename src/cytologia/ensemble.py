@@ -815,6 +815,13 @@ def summary(report: dict[str, Any]) -> str:
     ]
     singles = ", ".join(f"{m} {f:.4f}" for m, f in report["single_member_oof_f1"].items())
     lines.append(f"OOF macro-F1 per member: {singles}")
+    selection = report.get("checkpoint_selection")
+    if selection:  # trainer.select of the classification runs (commands/tune.py)
+        modes = ", ".join(f"{m} {v}" for m, v in selection.items())
+        peeked = [m for m, v in selection.items() if "best_val" in v]
+        lines.append(f"OOF logits from checkpoints chosen by (trainer.select): {modes}" + (
+            f" -- best_val picked the epoch on the held-out fold itself: the OOF figures of {', '.join(peeked)} and "
+            "the tuned gain are optimistic" if peeked else ""))  # fmt: skip
     lines.append(f"tuned on every fold (in-sample, optimistic): {report['in_sample_f1']:.4f}")
     h = report.get("heldout")
     if h:

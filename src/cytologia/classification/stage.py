@@ -11,9 +11,17 @@ per fold:
     <run_dir>/fold_<k>/checkpoints/last.ckpt   end of the last finished epoch: what a resume continues from
     <run_dir>/fold_<k>/logs/version_<n>/       the engine's CSV log of each (re)start (tb/: TensorBoard, if installed)
     <run_dir>/fold_<k>/metrics.csv             those logs merged: one table per fold
-    <run_dir>/fold_<k>/oof_logits.csv          logits of the held-out boxes from the best checkpoint
-    <run_dir>/fold_<k>/result.json             what the fold did (scores, steps, timing)
-    <run_dir>/oof_logits.csv, summary.json     every fold trained in this run folder together
+    <run_dir>/fold_<k>/oof_logits.csv          logits of the held-out boxes from the selected checkpoint (below)
+    <run_dir>/fold_<k>/result.json             what the fold did (scores, steps, timing, select, oof_checkpoint)
+    <run_dir>/oof_logits.csv, summary.json     every fold trained in this run folder together (summary: select too)
+
+Which weights write the OOF logits -- and so which ones ``cytologia tune`` blends and puts in the ensemble
+(``oof_checkpoint`` of ``result.json``) -- is ``trainer.select`` (:func:`select_checkpoint`): ``last`` (the default)
+takes the last epoch's (``last.ckpt``; EMA weights when ``trainer.ema``), chosen without looking at the held-out
+fold; ``best_val`` takes ``best.ckpt``, the epoch of best macro-F1 on the held-out fold itself -- the fold whose
+logits it then writes, so its OOF macro-F1, and the gain of an ensemble tuned on those logits, are optimistic
+(``scripts/oof_optimism.py`` measures by how much). Validation on the held-out fold still runs every epoch in both
+modes (the metrics and ``best.ckpt``); with ``last`` it only watches.
 
 Resuming after a kill: run the same experiment into the same folder with ``trainer.resume=true``
 (``python train.py +exp=NAME hydra.run.dir=outputs/NAME/<timestamp> trainer.resume=true``): finished folds are
@@ -67,6 +75,7 @@ from cytologia.classification.module import (
 )
 from cytologia.classification.oof import FILE_NAME as OOF_FILE
 from cytologia.classification.oof import logits_of, make_oof_table, multilabel_model_name, read_oof, write_oof
+from cytologia.config import SELECT_MODES
 from cytologia.data.errors import CytologiaInputError, ValidationError
 from cytologia.data.prepare import ensure_data, ensure_folds, read_train, write_text_atomic
 from cytologia.data.schema import BACKGROUND, BOX_COLUMNS, CLASSES, labels
@@ -85,7 +94,7 @@ class FoldResult:
     best_checkpoint: str
     last_checkpoint: str
     best_val_macro_f1: float | None  # the engine's best validation macro-F1 (None: validation never ran)
-    oof_macro_f1: float  # recomputed from the best checkpoint's out-of-fold logits (plain view)
+    oof_macro_f1: float  # recomputed from the selected checkpoint's out-of-fold logits (plain view)
     oof_accuracy: float
     epochs: int  # epochs finished
     global_step: int  # optimizer steps
@@ -96,6 +105,13 @@ class FoldResult:
     resumed_from: str | None
     kind: str = "cell"  # "cell": a crop model; "multilabel": the full-image multi-label model
     oof_mean_ap: float | None = None  # multi-label model: macro average precision over the held-out images
+    # trainer.select that chose the weights of oof_logits.csv; results written before the option were best_val
+    select: str = "best_val"
+    oof_checkpoint: str | None = None  # the checkpoint whose weights wrote oof_logits.csv (None: best_checkpoint)
+
+    def __post_init__(self) -> None:
+        if self.oof_checkpoint is None:  # a result.json from before trainer.select: its OOF came from best.ckpt
+            self.oof_checkpoint = self.best_checkpoint
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -272,10 +288,16 @@ def _finished_fold(cfg: DictConfig, fold: int, fold_dir: Path) -> FoldResult | N
     when its folder holds checkpoints and ``trainer.resume`` is off; else None (train it)."""
     result_path = fold_dir / RESULT_FILE
     if result_path.is_file() and cfg.trainer.resume:
-        done = json.loads(result_path.read_text())
-        if done["epochs"] >= cfg.trainer.max_epochs:
-            log.info("fold %d: already trained for %d epochs in %s, kept", fold, done["epochs"], fold_dir)
-            return FoldResult(**done)
+        done = FoldResult(**json.loads(result_path.read_text()))
+        if done.epochs >= cfg.trainer.max_epochs:
+            if done.select != cfg.trainer.select:
+                raise CytologiaInputError(
+                    f"{result_path}: fold {fold} was finished with trainer.select={done.select}, this run asks for "
+                    f"trainer.select={cfg.trainer.select}: the run's OOF logits would mix two checkpoint choices; "
+                    f"resume with trainer.select={done.select}, or train into a new run folder"
+                )
+            log.info("fold %d: already trained for %d epochs in %s, kept", fold, done.epochs, fold_dir)
+            return done
     if (fold_dir / "checkpoints" / "last.ckpt").is_file() and not cfg.trainer.resume:
         raise CytologiaInputError(
             f"{fold_dir} already holds checkpoints: set trainer.resume=true to continue them, or use a new run folder"
@@ -299,7 +321,9 @@ class _Fit:
     """What :func:`_fit` leaves for the fold's outputs (rank 0)."""
 
     trainer: L.Trainer
-    best: Path  # the checkpoint whose weights the module now holds
+    best: Path  # best.ckpt (last.ckpt when validation never ran)
+    chosen: Path  # the checkpoint whose weights the module now holds (trainer.select)
+    select: str
     best_score: float | None
     timer: StepTimer
     seconds: float
@@ -316,7 +340,7 @@ def _fit(
     callbacks: list[Any] | None,
 ) -> _Fit | None:
     """Fit ``module`` on ``data`` with the configured engine (resuming from ``last.ckpt`` when present), then load the
-    best checkpoint's weights into it. None on DDP ranks other than 0."""
+    weights of the checkpoint ``trainer.select`` chooses into it. None on DDP ranks other than 0."""
     t = cfg.trainer
     last = fold_dir / "checkpoints" / "last.ckpt"
     resume_from = None
@@ -353,10 +377,26 @@ def _fit(
     seconds = time.perf_counter() - start
     if trainer.global_rank != 0:
         return None
-    best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else last
-    module.load_state_dict(load_checkpoint(best)["state_dict"])
+    best = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
+    chosen = select_checkpoint(t.select, best, last)
+    module.load_state_dict(load_checkpoint(chosen)["state_dict"])
     score = checkpoint.best_model_score
-    return _Fit(trainer, best, None if score is None else float(score), timer, seconds, precision, resume_from)
+    return _Fit(
+        trainer, best or last, chosen, t.select, None if score is None else float(score), timer, seconds, precision,
+        resume_from,
+    )  # fmt: skip
+
+
+def select_checkpoint(mode: str, best: Path | None, last: Path) -> Path:
+    """The checkpoint whose weights write a fold's OOF logits: ``last`` for ``"last"`` (the last finished epoch; its
+    ``state_dict`` holds the EMA weights when ``trainer.ema``), ``best`` for ``"best_val"`` (best macro-F1 on the
+    held-out fold itself: optimistic OOF), or ``last`` when validation never saved a best one."""
+    if mode not in SELECT_MODES:
+        raise CytologiaInputError(f"config key trainer.select={mode!r} is not one of: {', '.join(SELECT_MODES)}")
+    chosen = best if mode == "best_val" and best is not None else last
+    if not Path(chosen).is_file():
+        raise CytologiaInputError(f"{chosen}: no such checkpoint (trainer.select={mode})")
+    return Path(chosen)
 
 
 def _fold_result(
@@ -369,10 +409,12 @@ def _fold_result(
         last_checkpoint=str(fold_dir / "checkpoints" / "last.ckpt"), best_val_macro_f1=fit.best_score,
         oof_macro_f1=f1, oof_accuracy=acc, epochs=int(fit.trainer.current_epoch),
         global_step=int(fit.trainer.global_step), n_train=n_train, n_val=n_val, train_seconds=round(fit.seconds, 3),
-        ms_per_step=fit.timer.ms_per_step, resumed_from=fit.resume_from, **extra,
+        ms_per_step=fit.timer.ms_per_step, resumed_from=fit.resume_from, select=fit.select,
+        oof_checkpoint=str(Path(fit.chosen).resolve()), **extra,
     )  # fmt: skip
     write_text_atomic(fold_dir / RESULT_FILE, json.dumps(asdict(result), indent=1) + "\n")
-    log.info("fold %d: best val macro-F1 %s, OOF macro-F1 %.4f (%s)", fold, result.best_val_macro_f1, f1, fold_dir)
+    log.info("fold %d: best val macro-F1 %s, OOF macro-F1 %.4f from %s (trainer.select=%s)", fold,
+             result.best_val_macro_f1, f1, fit.chosen, fit.select)  # fmt: skip
     return result
 
 
@@ -593,6 +635,7 @@ def summarize(
         "kind": "multilabel" if images is not None else "cell",
         "oof_model": model,
         "folds_trained": [r.fold for r in results],
+        "select": ",".join(sorted({r.select for r in results})),  # trainer.select of the folds' OOF logits
         "per_fold_macro_f1": {r.fold: r.oof_macro_f1 for r in results},
         "oof_macro_f1": f1,
         "oof_accuracy": acc,
@@ -602,6 +645,6 @@ def summarize(
     if images is not None:
         summary["n_scored_single_cell_images"] = int((y >= 0).sum())
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
-    log.info("OOF macro-F1 over fold(s) %s: %.4f", summary["folds_trained"], f1)
-    keys = ("kind", "oof_model", "folds_trained", "per_fold_macro_f1", "oof_macro_f1", "oof_accuracy")
+    log.info("OOF macro-F1 over fold(s) %s: %.4f (trainer.select=%s)", summary["folds_trained"], f1, summary["select"])
+    keys = ("kind", "oof_model", "folds_trained", "select", "per_fold_macro_f1", "oof_macro_f1", "oof_accuracy")
     return {k: summary[k] for k in keys}

@@ -7,6 +7,11 @@ checkpoints are read) or an OOF logits file. Every experiment becomes one member
 challenge's F1 part on the out-of-fold logits, with the held-out check printed (see :mod:`cytologia.ensemble`).
 ``--detector`` adds the detector (a detection run folder or a ``detector.pt``) so that the file is ready for
 ``cytologia predict``.
+
+The fold checkpoints put in the ensemble are those that wrote the OOF logits (``oof_checkpoint`` of the run's
+``summary.json``; ``best_checkpoint`` for runs from before ``trainer.select``). Which choice that was -- ``last``, or
+``best_val``, which peeked at the held-out fold and makes the OOF figures optimistic -- is printed per member and kept
+in the ensemble file's tuning report (``checkpoint_selection``; ``unknown`` for an OOF file without its run folder).
 """
 
 from __future__ import annotations
@@ -47,8 +52,10 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _classifier_run(oof_path: Path) -> tuple[Path, dict[str, Any], list[Path], list[Path]]:
-    """(OOF file, run config, best checkpoints per fold, ONNX files per fold) of a run folder or an OOF file."""
+def _classifier_run(oof_path: Path) -> tuple[Path, dict[str, Any], list[Path], list[Path], str]:
+    """(OOF file, run config, checkpoints that wrote the OOF logits per fold, ONNX files per fold, trainer.select of
+    those checkpoints: ``last``, ``best_val``, several joined by commas, or ``unknown``) of a run folder or an OOF
+    file."""
     from cytologia.classification.oof import FILE_NAME
 
     file = oof_path / FILE_NAME if oof_path.is_dir() else oof_path
@@ -57,10 +64,14 @@ def _classifier_run(oof_path: Path) -> tuple[Path, dict[str, Any], list[Path], l
     run = file.parent
     config = _read_yaml(run / "config.yaml")
     ckpts: list[Path] = []
+    select = "unknown"
     summary = run / "summary.json"
     if summary.is_file():
         folds = json.loads(summary.read_text()).get("folds", [])
-        ckpts = [Path(f["best_checkpoint"]) for f in folds if f.get("best_checkpoint")]
+        ckpts = [Path(p) for f in folds if (p := f.get("oof_checkpoint") or f.get("best_checkpoint"))]
+        # a fold record with a checkpoint but no select was written before trainer.select existed: best_val
+        modes = sorted({str(f.get("select", "best_val")) for f in folds if "select" in f or f.get("best_checkpoint")})
+        select = ",".join(modes) or select
     if not ckpts:
         ckpts = sorted(run.glob("fold_*/checkpoints/best.ckpt"))
     graphs = []
@@ -71,11 +82,11 @@ def _classifier_run(oof_path: Path) -> tuple[Path, dict[str, Any], list[Path], l
             graphs.append(named if named.is_file() else found[0])
         elif found:
             log.warning("%s: %d .onnx files and none named classifier.onnx: none used", fold_dir, len(found))
-    ckpts = [p for p in ckpts if p.is_file()]
+    ckpts = [p.resolve() for p in ckpts if p.is_file()]  # absolute: the ensemble file resolves relative paths
     if graphs and ckpts and len(graphs) != len(ckpts):
         log.warning("%s: %d checkpoints but %d ONNX files: the onnx runtime uses the ONNX files", run, len(ckpts),
                     len(graphs))  # fmt: skip
-    return file, config, ckpts, graphs
+    return file, config, ckpts, graphs, select
 
 
 def _member_spec(name: str, config: dict[str, Any], ckpts: list[Path], graphs: list[Path], tta: bool) -> Any:
@@ -139,11 +150,13 @@ def run(args: argparse.Namespace) -> int:
     )
 
     tables, specs = [], []
+    selection: dict[str, str] = {}  # OOF model -> trainer.select of its run
     for given in args.oof:
-        file, config, ckpts, graphs = _classifier_run(given)
+        file, config, ckpts, graphs, select = _classifier_run(given)
         table = read_oof(file)
         tables.append(table)
         models = set(table["model"])
+        selection.update({m: select for m in models})
         for model in sorted(models):
             base = model.removesuffix(FLIP_SUFFIX)
             use = base + FLIP_SUFFIX if args.tta == "auto" and base + FLIP_SUFFIX in models else base
@@ -168,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
         for m in wanted:
             if m not in {sp.oof_model for sp in specs}:
                 src = next(i for i, t in enumerate(tables) if m in set(t["model"]))
-                _, config, ckpts, graphs = _classifier_run(args.oof[src])
+                _, config, ckpts, graphs, _ = _classifier_run(args.oof[src])
                 specs.append(_member_spec(m, config, ckpts, graphs, tta=m.endswith(FLIP_SUFFIX)))
     else:
         wanted = [sp.oof_model for sp in specs if sp.kind == "cell"]
@@ -188,6 +201,8 @@ def run(args: argparse.Namespace) -> int:
         source=", ".join(map(str, args.oof)),
     )
     result = tune(data, class_bias=args.class_bias, heldout=not args.no_heldout)
+    used = [*data.members, *([data.multilabel] if data.multilabel else [])]
+    result.report["checkpoint_selection"] = {m: selection.get(m, "unknown") for m in used}
     members, blend = apply_tuning(specs, result, data)
     detector = _detector_spec(args.detector, args.det_img_size) if args.detector is not None else None
     ens = Ensemble(members, blend, detector, result.report)
