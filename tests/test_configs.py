@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import cytologia.train
+from cytologia.config import STAGES as STAGE_CHOICES
 from cytologia.config import check_config
 from cytologia.data.errors import CytologiaInputError
 from cytologia.train import train
@@ -61,16 +62,31 @@ def test_wrong_type_and_bad_choice_are_errors() -> None:
 
 
 def test_train_writes_resolved_config_and_provenance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # A stage whose module does not exist: train() validates and records the config, and says nothing was trained.
-    monkeypatch.setitem(cytologia.train.STAGES, "classifier", "cytologia.no_such_stage:run")
+    # train() validates and records the config before the stage runs (a stand-in stage here: nothing is trained).
+    seen: list[tuple[str, bool]] = []
+
+    def stage(cfg, run_dir: Path) -> dict[str, object]:
+        seen.append((cfg.stage, (run_dir / "config.yaml").is_file() and (run_dir / "provenance.json").is_file()))
+        return {"stand_in": True}
+
+    monkeypatch.setattr(cytologia.train, "stage_function", lambda name: stage)
     result = train(_compose("+exp=smoke"), run_dir=tmp_path / "run")
-    assert result["trained"] is False
+    assert result["trained"] is True and result["stand_in"] is True and seen == [("classifier", True)]
     saved = OmegaConf.load(tmp_path / "run" / "config.yaml")
     assert saved.exp_name == "smoke" and saved.classifier.img_size == 64
     prov = json.loads((tmp_path / "run" / "provenance.json").read_text())
     assert prov["stage"] == "classifier"
     assert "torch" in prov["environment"]["packages"]
     assert len(prov["git"]["sha"] or "x" * 40) == 40
+
+
+def test_every_valid_stage_has_a_function() -> None:
+    # The config's stage choices are train's stages, and each one's function imports: a stage that validates runs.
+    assert STAGE_CHOICES == tuple(cytologia.train.STAGES)
+    for name in STAGE_CHOICES:
+        assert callable(cytologia.train.stage_function(name)), name
+    with pytest.raises(CytologiaInputError, match="unknown stage 'everything'; stages: detector, classifier, pipeline"):
+        cytologia.train.stage_function("everything")
 
 
 def test_train_py_entry_point(tmp_path: Path) -> None:

@@ -2,9 +2,9 @@
 
 :data:`STAGES` maps a stage name to ``"module:function"`` (imported only when that stage runs, so a detector run does
 not import timm); an experiment config picks one with ``stage:``. The function takes ``(cfg, run_dir)`` and returns a
-dict of results. A stage whose module has not landed yet (issues #4, #5, #7) is reported, not faked: the run composes,
-validates the config, writes it (resolved) with the provenance into its run folder, and says nothing was trained.
-The console gets one line naming that file, not the config itself.
+dict of results. The run composes, validates the config (an unknown stage is an error there), writes it (resolved)
+with the provenance into its run folder, then runs the stage. The console gets one line naming that file, not the
+config itself.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from cytologia.config import check_config
+from cytologia.data.errors import CytologiaInputError
 from cytologia.provenance import CONFIG_FILE, write_run_info
 
 log = logging.getLogger(__name__)
@@ -30,15 +31,13 @@ STAGES: dict[str, str] = {
 }
 
 
-def stage_function(name: str) -> Callable[[DictConfig, Path], dict[str, object]] | None:
-    """The function of a stage, or None when its module does not exist yet."""
+def stage_function(name: str) -> Callable[[DictConfig, Path], dict[str, object]]:
+    """The function of stage ``name`` (its module is imported now). An unknown name is a :class:`CytologiaInputError`
+    listing the stages."""
+    if name not in STAGES:
+        raise CytologiaInputError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
     module, _, func = STAGES[name].partition(":")
-    try:
-        return getattr(importlib.import_module(module), func)
-    except ModuleNotFoundError as err:
-        if err.name is not None and module.startswith(err.name):  # the stage module itself is absent
-            return None
-        raise
+    return getattr(importlib.import_module(module), func)
 
 
 def default_run_dir(cfg: DictConfig) -> Path:
@@ -63,12 +62,6 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, object]:
         write_run_info(run_dir, typed, extra={"stage": typed.stage, "fold": typed.fold})
         log.info("%s: resolved config in %s", typed.exp_name, run_dir / CONFIG_FILE)
     stage = stage_function(typed.stage)
-    if stage is None:
-        log.warning(
-            "stage %r has no trainer yet (detector: issue #4, classifier: issue #5): config validated and written to "
-            "%s, nothing trained", typed.stage, run_dir,
-        )  # fmt: skip
-        return {"run_dir": str(run_dir), "stage": typed.stage, "trained": False}
     from cytologia.console import route_lightning_logs
     from cytologia.data.images import JPEG_WARNINGS_FILE, capture_jpeg_warnings
 

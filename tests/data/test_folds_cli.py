@@ -162,19 +162,25 @@ def test_bench_folds_prints_table_and_json(data_dir: Path, tmp_path: Path, capsy
     assert any("ARI with JPEG tables" in line for line in lines)
 
 
+@pytest.mark.parametrize("installed", [False, True])
 def test_bench_without_real_table_renders_a_set(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    installed: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Force the render_source_set fallback (the generator may or may not be installed).
+    # Force the render_source_set fallback (the generator may or may not be installed). installed: no --real and no
+    # default folder (an installed package without $CYTOLOGIA_REAL_DATA, cytologia.paths.real_data_dir() is None).
     def rendered(out: Path, n_images: int, seed: int) -> str:
         render_source_set(out, n_images, seed, sources=SIX, size=96)
         return "render"
 
     monkeypatch.setattr(folds_bench, "_generated_set", rendered)
+    if installed:
+        monkeypatch.setattr(folds_bench, "DEFAULT_REAL_DIR", None)
     parser = argparse.ArgumentParser()
     folds_bench.add_arguments(parser)
-    assert folds_bench.run(parser.parse_args(["--real", str(tmp_path), "--images", "24"])) == 0
+    real = [] if installed else ["--real", str(tmp_path)]
+    assert folds_bench.run(parser.parse_args([*real, "--images", "24"])) == 0
     out = capsys.readouterr().out
     result = json.loads(out.strip().splitlines()[-1])
     assert result["real"] is None and "skipped" in out
+    assert ("no folder (an installed package)" in out) == installed
     assert result["sources"]["images"] == 24 and result["sources"]["origin"] == "render"

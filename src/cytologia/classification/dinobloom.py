@@ -35,6 +35,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from cytologia.classification.weight_files import (
+    head_prefixes,
+    read_state_dict,
+    strip_wrapper_prefixes,
+    unwrap_state_dict,
+)
 from cytologia.data.errors import CytologiaInputError
 from cytologia.weights import LoadReport, load_state_dict_checked
 
@@ -171,13 +177,6 @@ def load_dinobloom_weights(model: nn.Module, path: Path) -> LoadReport:
     timm-format state dict (e.g. a fine-tuned DinoBloom classifier). The position embedding is resampled to the
     model's input size by DINOv2's rule (:func:`fit_pos_embed_dinov2`). Strict; the head is skipped when its shape
     differs or the file has none."""
-    from cytologia.classification.models import (
-        head_prefixes,
-        read_state_dict,
-        strip_wrapper_prefixes,
-        unwrap_state_dict,
-    )
-
     if Path(path).suffix == ".safetensors":
         state = strip_wrapper_prefixes(read_state_dict(path), model)
         state = fit_pos_embed_dinov2(state, model, str(path))

@@ -28,6 +28,7 @@ import pandas as pd
 from cytologia import metrics, metrics_reference
 from cytologia.data.errors import CytologiaInputError
 from cytologia.data.schema import BOX_COLUMNS, CLASSES
+from cytologia.paths import real_data_dir
 
 TOLERANCE = 1e-9  # the two implementations differ only by float summation order (~1e-15)
 TARGET_SECONDS = 1.0
@@ -37,11 +38,14 @@ ODD_CLASSES = ("None", "NA", "", "unknown")  # strings that are not classes: eac
 
 def default_truth() -> Path:
     """The real train.csv: $CYTOLOGIA_REAL_DATA/train.csv, else ../shared/data/cytologia/train.csv beside the
-    checkout (src/cytologia/commands/ -> the repository root is three folders up)."""
-    env = os.environ.get("CYTOLOGIA_REAL_DATA")
-    if env:
-        return Path(env) / "train.csv"
-    return Path(__file__).resolve().parents[3].parent / "shared" / "data" / "cytologia" / "train.csv"
+    checkout (:func:`cytologia.paths.real_data_dir`). An installed package without the variable has no default."""
+    folder = real_data_dir()
+    if folder is None:
+        raise CytologiaInputError(
+            "no default truth table: cytologia is installed, not run from a source checkout; pass --truth or set "
+            "CYTOLOGIA_REAL_DATA"
+        )
+    return folder / "train.csv"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

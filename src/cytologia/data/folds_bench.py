@@ -18,7 +18,6 @@ import argparse
 import importlib
 import json
 import logging
-import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -29,13 +28,13 @@ import pandas as pd
 
 from cytologia.data.errors import CytologiaInputError
 from cytologia.data.schema import CLASSES, TRAIN_COLUMNS
+from cytologia.paths import real_data_dir
 
 log = logging.getLogger(__name__)
 
-# Where the real tables live: $CYTOLOGIA_REAL_DATA, else ../shared/data/cytologia next to a source checkout.
-DEFAULT_REAL_DIR = Path(
-    os.environ.get("CYTOLOGIA_REAL_DATA", Path(__file__).resolve().parents[3].parent / "shared/data/cytologia")
-)
+# Where the real tables live: $CYTOLOGIA_REAL_DATA, else ../shared/data/cytologia next to a source checkout (None:
+# an installed package without the variable; see cytologia.paths).
+DEFAULT_REAL_DIR = real_data_dir()
 SOURCES_FILE = "sources.csv"  # NAME,source: the truth, for evaluation only
 BALANCE_TARGET_POINTS = 1.5  # the target for each class's share per fold
 _P_TWO_CELLS = 0.07  # 93 % of real images hold one leukocyte; the rest are drawn with two here
@@ -163,7 +162,10 @@ def _generated_set(out: Path, n_images: int, seed: int) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--real", type=Path, default=DEFAULT_REAL_DIR, help=f"folder of the real train.csv (default {DEFAULT_REAL_DIR})"
+        "--real",
+        type=Path,
+        default=DEFAULT_REAL_DIR,
+        help=f"folder of the real train.csv (default {DEFAULT_REAL_DIR or 'none: set $CYTOLOGIA_REAL_DATA'})",
     )
     parser.add_argument("--data", type=Path, default=None, help="generated set with images/ and sources.csv")
     # 1000: the smallest synthetic source (3 % of images) then holds ~30 images, the smallest cluster that source
@@ -178,8 +180,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     result: dict[str, object] = {"bench": "folds"}
     rows: list[tuple[str, str]] = []
-    real_csv = Path(args.real) / "train.csv"
-    if real_csv.is_file():
+    real_csv = Path(args.real) / "train.csv" if args.real is not None else None
+    if real_csv is not None and real_csv.is_file():
         real = measure_real_balance(real_csv, k=args.k, seed=args.seed)
         result["real"] = real
         rows += [
@@ -191,7 +193,8 @@ def run(args: argparse.Namespace) -> int:
         ]
     else:
         result["real"] = None
-        rows.append(("real table", f"skipped: {real_csv} not found (--real or $CYTOLOGIA_REAL_DATA)"))
+        missing = f"{real_csv} not found" if real_csv is not None else "no folder (an installed package)"
+        rows.append(("real table", f"skipped: {missing} (--real or $CYTOLOGIA_REAL_DATA)"))
 
     with tempfile.TemporaryDirectory(prefix="cytologia-folds-bench-") as tmp:
         if args.data is not None:
