@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from cytologia.clock import CLOCKS, cpu_seconds
 from cytologia.data.errors import CytologiaInputError
 from cytologia.data.prepare import FOLDS_FILE, FOLDS_REPORT, ensure_data, ensure_folds, read_train
+from cytologia.paths import project_root
 
 log = logging.getLogger(__name__)
 
@@ -233,11 +234,18 @@ def cleaning_config_path(value: str) -> Path:
     path = Path(value).expanduser()
     if path.is_file():
         return path
-    in_project = Path(__file__).resolve().parents[2] / path
-    if not path.is_absolute() and in_project.is_file():
+    root = project_root()
+    in_project = root / path if root is not None and not path.is_absolute() else None
+    if in_project is not None and in_project.is_file():
         return in_project
-    raise CytologiaInputError(f"config key pipeline.cleaning_config={value!r}: no such file (tried {path.resolve()}"
-                              + ("" if path.is_absolute() else f" and {in_project}") + ")")  # fmt: skip
+    if in_project is not None:
+        tried = f" and {in_project}"
+    elif path.is_absolute():
+        tried = ""
+    else:
+        tried = "; cytologia is installed, not run from a checkout, so there is no configs/ folder to look in"
+    key = f"config key pipeline.cleaning_config={value!r}"
+    raise CytologiaInputError(f"{key}: no such file (tried {path.resolve()}{tried})")
 
 
 def resolve_clock(clock: str) -> str:
