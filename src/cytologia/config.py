@@ -1,13 +1,27 @@
-"""The schema of the training configuration: every group of ``configs/`` has a dataclass here.
+"""The schema of the training configuration: every group of ``configs/`` has a dataclass here -- types only.
 
 Hydra composes ``configs/train.yaml`` with the chosen group options and experiment; :func:`check_config` then merges
-the result into these dataclasses, so a misspelt or unknown key, or a value of the wrong type, is an error that
-names the key -- never silently ignored (nanoGPT's habit). Adding a config option = adding a field here.
+the result into these dataclasses, so a misspelt or unknown key, a value of the wrong type, or a key that has no
+value is an error that names the key -- never silently ignored (nanoGPT's habit).
+
+One source of values: the YAML files. A field here carries a type and a comment, never a default value
+(``tests/test_config_schema.py`` fails on one). Why the YAML and not the dataclasses (Hydra's ConfigStore): the
+group files stay the documented list of every key a user can override on the command line (``detector.lr=...``
+needs the key in the composed config), an experiment stays a short ``# @package _global_`` delta, and the composed
+config written into each run folder is exactly what the files say -- with values in two places they had drifted
+(``pipeline.single_stage`` was yolo11s/384 px/100 epochs/60 min in the YAML, yolo11n/256/30/3 here). Adding a config
+option = a typed field here + its value (and comment) in the group's YAML file.
+
+Code that turns a config group into the settings of a library function does it with :func:`settings_from`, by field
+name, so a key added to a group reaches the settings (or is declared as not one of them) instead of being dropped by a
+hand-written copy.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -27,128 +41,128 @@ SELECT_MODES: tuple[str, ...] = ("last", "best_val")
 
 @dataclass
 class DataConfig:
-    root: str = "data/synthetic"
-    synthetic: bool = True
-    n_images: int = 400  # images to generate when the synthetic set is absent
-    synth_seed: int = 0
-    lenient: bool = True
+    root: str
+    synthetic: bool
+    n_images: int  # images to generate when the synthetic set is absent
+    synth_seed: int
+    lenient: bool
 
 
 @dataclass
 class FoldsConfig:
-    k: int = 4
-    mode: str = "stratified"
-    seed: int = 42
-    near_threshold: int = 4
+    k: int
+    mode: str
+    seed: int
+    near_threshold: int
 
 
 @dataclass
 class DetectorConfig:
     """Single-class detector (see cytologia.detection). Ranges and names are checked by the detector stage."""
 
-    backend: str = "ultralytics"
-    model: str = "yolo11n"
-    img_size: int = 512
-    weights: str | None = None  # init weights in models/ (checked against the manifest); None = random init
-    epochs: int = 30
-    batch_size: int = 16
-    lr: float = 1e-3
-    optimizer: str = "AdamW"  # ultralytics names (SGD, AdamW, ...); its "auto" picks its own lr and ignores lr
-    patience: int = 0  # stop after this many epochs without a better box score; 0 = never stop early
-    device: str = "auto"  # "auto": first CUDA device, else cpu; or "cpu", "0", "0,1"
-    workers: int = 4  # data-loading processes
-    amp: bool = True  # mixed precision on CUDA (its check runs offline, see ultralytics_backend)
-    conf: float = 0.001  # score floor of predicted boxes: low, known-count keeps the top-N whatever their score
-    nms_iou: float = 0.6  # class-agnostic NMS IoU, in validation and prediction
-    max_det: int = 50  # boxes kept per image after NMS (real images hold at most 11 cells)
-    tta_flip: bool = True  # out-of-fold boxes also from the mirrored image (model name suffixed "+hflip")
-    predict_batch: int = 16
-    train_args: dict = field(default_factory=dict)  # extra ultralytics train arguments (augmentation, cache, ...)
+    backend: str
+    model: str
+    img_size: int
+    weights: str | None  # init weights in models/ (checked against the manifest); None = random init
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str  # ultralytics names (SGD, AdamW, ...); its "auto" picks its own lr and ignores lr
+    patience: int  # stop after this many epochs without a better box score; 0 = never stop early
+    device: str  # "auto": first CUDA device, else cpu; or "cpu", "0", "0,1"
+    workers: int  # data-loading processes
+    amp: bool  # mixed precision on CUDA (its check runs offline, see ultralytics_backend)
+    conf: float  # score floor of predicted boxes: low, known-count keeps the top-N whatever their score
+    nms_iou: float  # class-agnostic NMS IoU, in validation and prediction
+    max_det: int  # boxes kept per image after NMS (real images hold at most 11 cells)
+    tta_flip: bool  # out-of-fold boxes also from the mirrored image (model name suffixed "+hflip")
+    predict_batch: int
+    train_args: dict  # extra ultralytics train arguments (augmentation, cache, ...)
 
 
 @dataclass
 class LossConfig:
-    name: str = "cross_entropy"
-    label_smoothing: float = 0.1
-    gamma: float = 2.0  # focal losses only
-    alpha: list[float] | None = None  # focal losses: one weight per label (23, or 24 with background); None = 1
+    name: str
+    label_smoothing: float
+    gamma: float  # focal losses only
+    alpha: list[float] | None  # focal losses: one weight per label (23, or 24 with background); None = 1
 
 
 @dataclass
 class AugmentConfig:
-    hue_saturation: bool = False  # off by default: stain colour carries class information
-    bbox_aware_p: float = 0.5  # probability of the bbox-aware transform (cell cropped, rotated, pasted back)
-    strength: str = "default"  # light | default | strong: photometric and affine magnitudes
-    mix_prob: float = 0.5  # probability that a training batch is mixed (MixUp or CutMix); 0 disables both
-    mixup_alpha: float = 0.2  # Beta(alpha, alpha) of MixUp; 0 disables MixUp
-    cutmix_alpha: float = 1.0  # Beta(alpha, alpha) of CutMix; 0 disables CutMix
+    hue_saturation: bool  # hue/saturation jitter (stain colour carries class information)
+    bbox_aware_p: float  # probability of the bbox-aware transform (cell cropped, rotated, pasted back)
+    strength: str  # light | default | strong: photometric and affine magnitudes
+    mix_prob: float  # probability that a training batch is mixed (MixUp or CutMix); 0 disables both
+    mixup_alpha: float  # Beta(alpha, alpha) of MixUp; 0 disables MixUp
+    cutmix_alpha: float  # Beta(alpha, alpha) of CutMix; 0 disables CutMix
 
 
 @dataclass
 class ClassifierConfig:
-    name: str = "resnet18"
-    img_size: int = 224
-    margin: int = 16
-    background: bool = False
-    weights: str | None = None
-    drop_path: float = 0.0
-    train_last_k: int | None = None  # train only the last k blocks (+ final norm and head; 0: those only); None: all
-    multilabel: bool = False  # full-image multi-label model (ml_* experiments)
-    boxes: str | None = None  # boxes table of detected out-of-fold boxes to crop; None = ground-truth boxes
+    name: str
+    img_size: int
+    margin: int
+    background: bool
+    weights: str | None
+    drop_path: float
+    train_last_k: int | None  # train only the last k blocks (+ final norm and head; 0: those only); None: all
+    multilabel: bool  # full-image multi-label model (ml_* experiments)
+    boxes: str | None  # boxes table of detected out-of-fold boxes to crop; None = ground-truth boxes
     # With background: a CSV NAME,x1,y1,x2,y2,fold of cell-free crops (images in its folder's images/), trained as
     # the 24th label on the folds they are not held out in.
-    background_table: str | None = None
-    cache: str = "none"  # crop cache of the dataset (see cytologia.classification.crops)
-    loss: LossConfig = field(default_factory=LossConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    background_table: str | None
+    cache: str  # crop cache of the dataset (see cytologia.classification.crops)
+    loss: LossConfig
+    augment: AugmentConfig
 
 
 @dataclass
 class TrainerConfig:
-    accelerator: str = "auto"
-    devices: int = 1  # -1: every visible device
-    strategy: str = "auto"  # "ddp" for multi-GPU (one process per device)
-    ddp_backend: str | None = None  # process group backend for ddp: None = the engine's choice (nccl on CUDA), "gloo"
-    precision: str = "auto"
-    max_epochs: int = 32
-    batch_size: int = 32  # per device
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.01  # the cosine ends at lr * min_lr_ratio
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0  # linear warm-up over this many epochs (applied per optimizer step)
-    num_workers: int = 4
-    ema: bool = False
-    ema_decay: float = 0.999
-    accumulate_grad_batches: int = 1
-    grad_clip: float | None = None  # clip the gradient norm to this value
-    resume: bool = False  # continue each fold from fold_<k>/checkpoints/last.ckpt of the run folder when present
-    select: str = "last"  # checkpoint whose weights write the OOF logits: last | best_val (see SELECT_MODES)
-    progress_bar: bool = True
-    log_every_n_steps: int = 50
+    accelerator: str
+    devices: int  # -1: every visible device
+    strategy: str  # "ddp" for multi-GPU (one process per device)
+    ddp_backend: str | None  # process group backend for ddp: None = the engine's choice (nccl on CUDA), "gloo"
+    precision: str
+    max_epochs: int
+    batch_size: int  # per device
+    lr: float
+    min_lr_ratio: float  # the cosine ends at lr * min_lr_ratio
+    weight_decay: float
+    warmup_epochs: float  # linear warm-up over this many epochs (applied per optimizer step)
+    num_workers: int
+    ema: bool
+    ema_decay: float
+    accumulate_grad_batches: int
+    grad_clip: float | None  # clip the gradient norm to this value
+    resume: bool  # continue each fold from fold_<k>/checkpoints/last.ckpt of the run folder when present
+    select: str  # checkpoint whose weights write the OOF logits: last | best_val (see SELECT_MODES)
+    progress_bar: bool
+    log_every_n_steps: int
 
 
 @dataclass
 class EnsembleConfig:
-    method: str = "logit_mean"
-    tta_flip: bool = True
-    members: list[str] = field(default_factory=list)
+    method: str
+    tta_flip: bool
+    members: list[str]
 
 
 @dataclass
 class SingleStageConfig:
-    enabled: bool = True
-    model: str = "yolo11n"
-    img_size: int = 256
-    epochs: int = 30
-    time_min: float = 3.0  # budget of its training (ultralytics' `time`), minutes of `clock`
+    enabled: bool
+    model: str
+    img_size: int
+    epochs: int
+    time_min: float  # budget of its training (ultralytics' `time`), minutes of `clock`
     # what time_min counts: wall, cpu (process CPU seconds: a busy machine does not change them), or auto (cpu without
     # a CUDA device, wall with one -- GPU work is not CPU time)
-    clock: str = "auto"
+    clock: str
     # true: time_min is replaced by the time the two-stage pipeline spent training in this run (detector +
     # classifiers, stage_cpu_seconds.json or stage_times.json by clock): both approaches get the same budget
-    match_budget: bool = False
-    batch_size: int = 16
-    train_args: dict = field(default_factory=dict)  # extra ultralytics train arguments (nbs, warmup_epochs, ...)
+    match_budget: bool
+    batch_size: int
+    train_args: dict  # extra ultralytics train arguments (nbs, warmup_epochs, ...)
 
 
 @dataclass
@@ -156,37 +170,37 @@ class PipelineConfig:
     """The whole-pipeline run (stage: pipeline, see cytologia.pipeline)."""
 
     # Each entry overrides keys of the `classifier` group for one ensemble member (name and img_size at least).
-    classifiers: list[dict] = field(default_factory=list)
-    clean: bool = True  # clean the training boxes with the detector's OOF boxes before training classifiers
-    cleaning_config: str | None = None  # settings YAML for `cytologia clean` (None: its built-in defaults)
-    clean_min_kept: float = 0.8  # below this share of boxes kept, cleaning is not applied (the detector is too weak)
-    n_background: int = 0  # cell-free images painted for classifiers with `background: true`
-    runtime: str = "onnx"  # predict with ONNX Runtime or torch
-    single_stage: SingleStageConfig = field(default_factory=SingleStageConfig)
+    classifiers: list[dict]
+    clean: bool  # clean the training boxes with the detector's OOF boxes before training classifiers
+    cleaning_config: str | None  # settings YAML for `cytologia clean` (None: its built-in defaults)
+    clean_min_kept: float  # below this share of boxes kept, cleaning is not applied (the detector is too weak)
+    n_background: int  # cell-free images painted for classifiers with `background: true`
+    runtime: str  # predict with ONNX Runtime or torch
+    single_stage: SingleStageConfig
 
 
 @dataclass
 class PathsConfig:
-    data_dir: str = "data"
-    output_dir: str = "outputs"
-    models_dir: str = "models"
-    cache_dir: str = "cache"
+    data_dir: str
+    output_dir: str
+    models_dir: str
+    cache_dir: str
 
 
 @dataclass
 class TrainConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    folds: FoldsConfig = field(default_factory=FoldsConfig)
-    detector: DetectorConfig = field(default_factory=DetectorConfig)
-    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    ensemble: EnsembleConfig = field(default_factory=EnsembleConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
-    exp_name: str = "default"
-    stage: str = "classifier"
-    fold: int | None = None
-    seed: int = 42
+    data: DataConfig
+    folds: FoldsConfig
+    detector: DetectorConfig
+    classifier: ClassifierConfig
+    trainer: TrainerConfig
+    ensemble: EnsembleConfig
+    paths: PathsConfig
+    pipeline: PipelineConfig
+    exp_name: str  # names the run folder and the member's OOF logits
+    stage: str  # what the run trains: one of STAGES
+    fold: int | None  # train this fold only; None: every fold
+    seed: int
 
 
 def _choice(value: str, valid: tuple[str, ...], key: str) -> None:
@@ -224,7 +238,8 @@ def _check_classifier_trainer(typed: DictConfig) -> None:
 def check_config(cfg: DictConfig | dict) -> DictConfig:
     """Validate a composed config against :class:`TrainConfig`; return it typed, resolved and read-only.
 
-    Raises :class:`CytologiaInputError` naming the offending key for unknown keys, wrong types and bad choices.
+    Raises :class:`CytologiaInputError` naming the offending key for unknown keys, missing keys, wrong types and bad
+    choices.
     """
     raw = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
     raw = OmegaConf.masked_copy(raw, [k for k in raw if k != "hydra"]) if "hydra" in raw else raw
@@ -233,6 +248,10 @@ def check_config(cfg: DictConfig | dict) -> DictConfig:
         OmegaConf.resolve(typed)
     except OmegaConfBaseException as err:
         raise CytologiaInputError(f"invalid config: {err}") from None
+    missing = sorted(OmegaConf.missing_keys(typed))
+    if missing:  # the schema has no defaults: every key takes its value from configs/ (or an override)
+        raise CytologiaInputError(f"config key(s) without a value (add them to their configs/ group file): "
+                                  f"{', '.join(missing)}")  # fmt: skip
     _choice(typed.stage, STAGES, "stage")
     _choice(typed.folds.mode, FOLD_MODES, "folds.mode")
     _choice(typed.classifier.loss.name, LOSSES, "classifier.loss.name")
@@ -243,3 +262,49 @@ def check_config(cfg: DictConfig | dict) -> DictConfig:
         raise CytologiaInputError(f"config key fold={typed.fold} must be in 0..{typed.folds.k - 1} (or null)")
     OmegaConf.set_readonly(typed, True)
     return typed
+
+
+S = TypeVar("S")
+
+
+def settings_from(
+    settings: type[S],
+    record: Mapping[str, Any],
+    *,
+    rename: Mapping[str, str] | None = None,
+    skip: tuple[str, ...] = (),
+    source: str = "config",
+    **given: Any,
+) -> S:
+    """Build the dataclass ``settings`` from a config group ``record`` (e.g. ``cfg.detector``), field by name.
+
+    Each key of ``record`` becomes the field of the same name (or ``rename[key]``); ``skip`` lists the keys that are
+    deliberately not settings (used elsewhere). ``given`` sets fields from outside the record and wins over it (e.g.
+    ``seed=cfg.seed``, or a budget computed at run time). A record key that is neither a field nor skipped, or a
+    ``rename``/``given`` name that is no field, or a ``skip``/``rename`` key the record lacks, is an error naming it:
+    a key added to a group is never dropped silently. Fields that neither sets keep the settings' own defaults.
+    Containers arrive as plain ``dict``/``list``.
+    """
+    if not is_dataclass(settings):
+        raise TypeError(f"{settings!r} is not a dataclass")
+    rename = dict(rename or {})
+    known = {f.name for f in fields(settings)}
+    wrong = sorted({*rename.values(), *given} - known)
+    if wrong:
+        raise CytologiaInputError(f"{settings.__name__} has no field(s) {', '.join(wrong)}")
+    stale = sorted({*skip, *rename} - set(record))
+    if stale:
+        raise CytologiaInputError(f"{source} has no key(s) {', '.join(stale)} (named as skipped or renamed)")
+    values: dict[str, Any] = {}
+    for key in record:
+        if key in skip:
+            continue
+        name = rename.get(key, key)
+        if name not in known:
+            raise CytologiaInputError(
+                f"{source} key {key!r} is not a field of {settings.__name__} ({', '.join(sorted(known))}) nor "
+                f"declared as skipped ({', '.join(skip) or 'none'})"
+            )
+        value = record[key]
+        values[name] = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    return settings(**{**values, **given})

@@ -106,6 +106,27 @@ class SingleStageSettings:
         need(0.0 < self.nms_iou <= 1.0, "nms_iou", "must be in (0, 1]")
 
 
+# keys of the config group pipeline.single_stage that are not settings: whether it runs, and how the pipeline sets
+# the budget (time_min itself is passed in, see settings_from_config)
+NOT_SETTINGS: tuple[str, ...] = ("enabled", "match_budget")
+
+
+def settings_from_config(
+    record: Mapping[str, Any], *, time_min: float | None, clock: str, **given: Any
+) -> SingleStageSettings:
+    """The config group ``pipeline.single_stage`` as :class:`SingleStageSettings`, field by name
+    (:func:`cytologia.config.settings_from`; ``train_args`` -> ``extra``). ``time_min`` and ``clock`` are the run's:
+    the budget (the group's ``time_min``, or the two-stage training time with ``match_budget``) and the clock that
+    ``auto`` resolved to; ``given`` sets further fields (e.g. ``workers``, ``seed``). A key of the group that is
+    neither a setting nor in :data:`NOT_SETTINGS` is an error."""
+    from cytologia.config import settings_from
+
+    return settings_from(
+        SingleStageSettings, record, rename={"train_args": "extra"}, skip=NOT_SETTINGS,
+        source="pipeline.single_stage", time_min=time_min, clock=clock, **given,
+    )  # fmt: skip
+
+
 @dataclass
 class SingleStageTrainResult:
     """What training left: the selected weights and how they were chosen."""
@@ -443,7 +464,6 @@ def run_single_stage(
     """
     from omegaconf import OmegaConf
 
-    from cytologia.config import FoldsConfig
     from cytologia.data.io import read_annotations, read_test, write_csv, write_submission
     from cytologia.data.prepare import ensure_folds
 
@@ -459,7 +479,8 @@ def run_single_stage(
     if table.empty:
         raise CytologiaInputError(f"{data_dir / 'train.csv'}: no usable box left after validation")
     if folds is None:
-        cfg = OmegaConf.structured({"folds": FoldsConfig(k=folds_k)})
+        # `cytologia folds`' defaults (configs/folds/stratified.yaml) with folds_k folds
+        cfg = OmegaConf.create({"folds": {"k": folds_k, "mode": "stratified", "seed": 42, "near_threshold": 4}})
         folds = ensure_folds(cfg, table, data_dir)  # reads data_dir/folds.csv when it exists
     folds = folds[["NAME", "fold"]]
     write_csv(folds, out_dir / FOLDS_FILE)

@@ -26,17 +26,18 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
+from cytologia.config import settings_from
 from cytologia.data.errors import CytologiaInputError
 from cytologia.data.prepare import FOLDS_FILE, ensure_data, ensure_folds, read_train
 from cytologia.detection.oof import OOF_COLUMNS, empty_boxes, known_count_giou, write_boxes
 from cytologia.detection.registry import DetectionData, Detector, TrainResult, TrainSettings, create_detector
+from cytologia.oof_names import flip_model_name
 
 log = logging.getLogger(__name__)
 
 OOF_FILE = "oof_boxes.csv"
 METRICS_FILE = "metrics.json"
 CHECKPOINT_FILE = "detector.pt"
-FLIP_SUFFIX = "+hflip"  # model name of the boxes predicted on the mirrored image
 STRIDE = 32  # the largest stride of the YOLO heads: the input side must be a multiple of it
 
 
@@ -75,12 +76,17 @@ def init_weights(cfg: DictConfig) -> Path | None:
     return verified_path(path, path.parent)
 
 
+# keys of the detector group that are not training settings: the detector's name and init weights (create_detector)
+# and the out-of-fold prediction's options (oof_boxes)
+NOT_TRAIN_SETTINGS: tuple[str, ...] = ("backend", "model", "weights", "conf", "max_det", "tta_flip", "predict_batch")
+
+
 def train_settings(cfg: DictConfig) -> TrainSettings:
-    det = cfg.detector
-    return TrainSettings(
-        epochs=int(det.epochs), img_size=int(det.img_size), batch_size=int(det.batch_size), lr=float(det.lr),
-        optimizer=str(det.optimizer), patience=int(det.patience), device=str(det.device), workers=int(det.workers),
-        amp=bool(det.amp), seed=int(cfg.seed), nms_iou=float(det.nms_iou), extra=dict(det.train_args),
+    """The detector group as :class:`TrainSettings`, field by name (``train_args`` -> ``extra``, ``seed`` from the
+    run): a detector key that is neither a setting nor in :data:`NOT_TRAIN_SETTINGS` is an error."""
+    return settings_from(
+        TrainSettings, cfg.detector, rename={"train_args": "extra"}, skip=NOT_TRAIN_SETTINGS, source="detector",
+        seed=int(cfg.seed),
     )  # fmt: skip
 
 
@@ -101,7 +107,7 @@ def oof_boxes(
     seconds = time.perf_counter() - start
     base = model_id(det)
     out = pred.drop(columns="tta")
-    out["model"] = np.where(pred["tta"].to_numpy() == "hflip", base + FLIP_SUFFIX, base)
+    out["model"] = np.where(pred["tta"].to_numpy() == "hflip", flip_model_name(base), base)
     out["fold"] = np.int64(fold)
     return out[list(OOF_COLUMNS)], seconds
 
@@ -157,7 +163,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, object]:
     fold_ids = [int(cfg.fold)] if cfg.fold is not None else list(range(int(cfg.folds.k)))
     settings = train_settings(cfg)
     cache = Path(cfg.paths.cache_dir) / "detector"
-    variants = [model_id(det)] + ([model_id(det) + FLIP_SUFFIX] if det.tta_flip else [])
+    variants = [model_id(det)] + ([flip_model_name(model_id(det))] if det.tta_flip else [])
     summaries: dict[str, object] = {}
     parts = []
     for k in fold_ids:
