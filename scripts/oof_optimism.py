@@ -170,7 +170,7 @@ def predict_test(spec: dict[str, Any], ens_dir: Path, root: Path, test: pd.DataF
 
 # ------------------------------------------------------------------------------------------------------- scoring
 def f1(true: np.ndarray, pred: np.ndarray) -> float:
-    from cytologia.ensemble import macro_f1_codes
+    from cytologia.ensemble.tune import macro_f1_codes
 
     return macro_f1_codes(true, pred)
 

@@ -1,8 +1,11 @@
-"""Ensemble tuning on out-of-fold logits: the blend rule, the F1 it maximises, the held-out check, the file."""
+"""Ensemble tuning on out-of-fold logits: the blend rule, the F1 it maximises, the held-out check, the file; and
+prediction importing the file and the blend without the tuning code."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -19,16 +22,12 @@ from cytologia.ensemble import (
     DetectorSpec,
     Ensemble,
     MemberSpec,
-    apply_tuning,
     blend_probabilities,
-    macro_f1_codes,
     multilabel_probabilities,
-    predict_codes,
-    prepare_tuning,
     read_ensemble,
-    tune,
     write_ensemble,
 )
+from cytologia.ensemble.tune import apply_tuning, macro_f1_codes, predict_codes, prepare_tuning, tune
 from cytologia.metrics import macro_f1
 
 
@@ -277,3 +276,34 @@ def test_bad_ensemble_files(tmp_path: Path, change, message: str) -> None:
     path.write_text(json.dumps(data))
     with pytest.raises(CytologiaInputError, match=message):
         read_ensemble(path)
+
+
+# Modules that must stay out of a prediction: the tuning code and scipy's optimiser (which tuning imports lazily).
+TUNING_ONLY = ("cytologia.ensemble.tune", "scipy.optimize")
+# The inference side: the ensemble file, the blend rule, the runtime, `cytologia predict` and what its run imports.
+INFERENCE = (
+    "cytologia.ensemble",
+    "cytologia.ensemble.schema",
+    "cytologia.ensemble.blend",
+    "cytologia.runtime.sessions",
+    "cytologia.runtime.pipeline",
+    "cytologia.commands.predict",
+    "cytologia.data.io",
+)
+
+
+def test_prediction_does_not_import_the_tuning_code() -> None:
+    """In a fresh interpreter, importing the inference side loads none of :data:`TUNING_ONLY`; importing the tuning
+    module afterwards does show up in ``sys.modules`` (the check can see it)."""
+    code = (
+        "import importlib, sys\n"
+        f"for m in {INFERENCE!r}: importlib.import_module(m)\n"
+        f"print([m for m in {TUNING_ONLY!r} if m in sys.modules])\n"
+        "import cytologia.ensemble.tune\n"
+        "print('cytologia.ensemble.tune' in sys.modules)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    loaded, control = run.stdout.strip().splitlines()
+    assert loaded == "[]", f"imported when predicting: {loaded}"
+    assert control == "True"

@@ -29,16 +29,7 @@ from cytologia.classification.module import (
     mean_average_precision,
     predict_logits,
 )
-from cytologia.classification.oof import (
-    is_multilabel_model,
-    logits_of,
-    make_oof_table,
-    member_kind,
-    multilabel_model_name,
-    read_oof,
-    validate_oof,
-    write_oof,
-)
+from cytologia.classification.oof import logits_of, make_oof_table, read_oof, validate_oof, write_oof
 from cytologia.classification.stage import check_supported
 from cytologia.config import check_config
 from cytologia.data.errors import CytologiaInputError, ValidationError
@@ -206,9 +197,7 @@ def test_multilabel_module_trains_on_multi_hot_targets() -> None:
 
 # ----------------------------------------------------------------------------------------------------- OOF table
 def test_oof_marks_the_multilabel_member(tmp_path: Path) -> None:
-    assert multilabel_model_name(EXP) == "ml:" + EXP and multilabel_model_name("ml:x") == "ml:x"
-    assert is_multilabel_model("ml:x+hflip") and not is_multilabel_model("vitl224")
-    assert member_kind("ml:x") == "multilabel" and member_kind("x") == "cell"
+    # the "ml:" naming rules are tested in tests/test_oof_names.py
     logits = np.random.default_rng(0).normal(size=(3, 24)).astype(np.float32)
     per_box = logits[[0, 0, 1]]  # two boxes of a.jpg share its image's logits
     table = make_oof_table(["a.jpg", "a.jpg", "b.jpg"], [4, 5, 6], 1, "ml:m", per_box)

@@ -7,7 +7,7 @@ One row per (box, model)::
                      ground-truth boxes, or the 0-based row of the boxes table when crops come from detected boxes
     fold      int64  the fold the box was held out in (the fold whose model produced the logits)
     model     str    which model / view made them: the experiment name, ``<exp>+hflip`` for the mean of the plain
-                     and horizontally flipped logits
+                     and horizontally flipped logits (:mod:`cytologia.oof_names`)
     logit_0 .. logit_{K-1}  float32  raw (pre-softmax) scores; column i is label i of
                      :func:`cytologia.data.schema.labels` (K = 23, or 24 with "background" last)
 
@@ -16,11 +16,11 @@ Multi-label full-image members
 The multi-label model (``classifier.multilabel=true``) classifies whole images, not boxes. Its table has the same
 columns and still **one row per box** (the same boxes -- and ``box_id`` -- as a crop model of the same run would
 have: ground-truth boxes, or the detected boxes of ``classifier.boxes``): every box of an image carries that image's
-logits, repeated. Its ``model`` names start with :data:`MULTILABEL_PREFIX` ``"ml:"`` (``ml:<exp>`` and
-``ml:<exp>+hflip``; :func:`multilabel_model_name`, :func:`is_multilabel_model`, :func:`member_kind`), which is
-what marks it: the ensemble must not average it with the crop members but blend its per-class sigmoids in on
-single-cell images only. Its logits are sigmoid scores (one independent logit per label), not softmax ones.
-:func:`validate_oof` checks that every row of one image of such a model holds the same logits.
+logits, repeated. Its ``model`` names start with ``"ml:"`` (``ml:<exp>`` and ``ml:<exp>+hflip``; the naming rules
+are in :mod:`cytologia.oof_names`), which is what marks it: the ensemble must not average it with the crop members
+but blend its per-class sigmoids in on single-cell images only. Its logits are sigmoid scores (one independent logit
+per label), not softmax ones. :func:`validate_oof` checks that every row of one image of such a model holds the same
+logits.
 
 Format: CSV (the default, ``.csv``) written with 9 significant digits, which round-trips float32 exactly; Parquet
 (``.parquet``) when pyarrow is installed -- a fold of the real set is ~13,000 rows x 24 floats, ~3 MB of CSV, so
@@ -39,11 +39,10 @@ import pandas as pd
 
 from cytologia.data.errors import CytologiaInputError, ValidationError
 from cytologia.data.schema import BACKGROUND, CLASSES, labels
+from cytologia.oof_names import MULTILABEL_PREFIX
 
 KEY_COLUMNS: tuple[str, ...] = ("NAME", "box_id", "fold", "model")
 FILE_NAME = "oof_logits.csv"  # per fold folder, and the concatenation of all folds in the run folder
-MULTILABEL_PREFIX = "ml:"  # model names of a multi-label full-image member start with this
-KINDS: tuple[str, ...] = ("cell", "multilabel")  # what member_kind returns
 _LOGIT = re.compile(r"^logit_(\d+)$")
 _FLOAT_FORMAT = "%.9g"  # 9 significant digits: every float32 survives the text round trip bit for bit
 
@@ -62,21 +61,6 @@ def labels_for(num_labels: int) -> tuple[str, ...]:
     raise CytologiaInputError(
         f"{num_labels} logit columns: expected {len(CLASSES)} (classes) or {len(CLASSES) + 1} (+ {BACKGROUND})"
     )
-
-
-def multilabel_model_name(name: str) -> str:
-    """The OOF ``model`` name of a multi-label full-image model: ``name`` with the ``"ml:"`` prefix (once)."""
-    return name if name.startswith(MULTILABEL_PREFIX) else MULTILABEL_PREFIX + name
-
-
-def is_multilabel_model(model: str) -> bool:
-    """Whether an OOF ``model`` name is a multi-label full-image member (its name starts with ``"ml:"``)."""
-    return str(model).startswith(MULTILABEL_PREFIX)
-
-
-def member_kind(model: str) -> str:
-    """``"multilabel"`` for a multi-label full-image member's ``model`` name, ``"cell"`` for a crop model's."""
-    return KINDS[1] if is_multilabel_model(model) else KINDS[0]
 
 
 def make_oof_table(

@@ -74,11 +74,12 @@ from cytologia.classification.module import (
     score_logits,
 )
 from cytologia.classification.oof import FILE_NAME as OOF_FILE
-from cytologia.classification.oof import logits_of, make_oof_table, multilabel_model_name, read_oof, write_oof
+from cytologia.classification.oof import logits_of, make_oof_table, read_oof, write_oof
 from cytologia.config import SELECT_MODES
 from cytologia.data.errors import CytologiaInputError, ValidationError
 from cytologia.data.prepare import ensure_data, ensure_folds, read_train, write_text_atomic
 from cytologia.data.schema import BACKGROUND, BOX_COLUMNS, CLASSES, labels
+from cytologia.oof_names import flip_model_name, multilabel_model_name
 
 log = logging.getLogger(__name__)
 
@@ -471,7 +472,7 @@ def train_fold(
     names, box_ids = val_table["NAME"].to_numpy(), val_table["box_id"].to_numpy()
     tables = [make_oof_table(names, box_ids, fold, cfg.exp_name, plain)]
     if cfg.ensemble.tta_flip:
-        tables.append(make_oof_table(names, box_ids, fold, f"{cfg.exp_name}+hflip", (plain + flipped) / 2))
+        tables.append(make_oof_table(names, box_ids, fold, flip_model_name(cfg.exp_name), (plain + flipped) / 2))
     write_oof(pd.concat(tables, ignore_index=True), fold_dir / OOF_FILE)
     f1, acc = score_logits(plain, label_index(val_table, label_names), label_names, module.n_cell_classes)
     return _fold_result(fit, fold, fold_dir, f1, acc, n_train=len(train_table), n_val=len(val_table))
@@ -541,7 +542,7 @@ def train_fold_multilabel(
     names, box_ids = held["NAME"].to_numpy(), held["box_id"].to_numpy()
     tables = [make_oof_table(names, box_ids, fold, model, plain[at])]
     if cfg.ensemble.tta_flip:
-        tables.append(make_oof_table(names, box_ids, fold, f"{model}+hflip", ((plain + flipped) / 2)[at]))
+        tables.append(make_oof_table(names, box_ids, fold, flip_model_name(model), ((plain + flipped) / 2)[at]))
     write_oof(pd.concat(tables, ignore_index=True), fold_dir / OOF_FILE)
     val_set = data.val_set
     f1, acc = score_logits(plain, val_set.cell_labels, label_names, module.n_cell_classes)  # type: ignore[union-attr]

@@ -4,7 +4,7 @@ Each ``--oof`` is a classification run folder (its ``oof_logits.csv``, ``config.
 checkpoints are read) or an OOF logits file. Every experiment becomes one member; with flip TTA logits in the table
 (``<exp>+hflip``) those are used unless ``--tta none``. A multi-label full-image run among them (OOF models
 ``ml:<exp>``) becomes the multi-label member, blended in on single-cell images. Weights are tuned to maximise the
-challenge's F1 part on the out-of-fold logits, with the held-out check printed (see :mod:`cytologia.ensemble`).
+challenge's F1 part on the out-of-fold logits, with the held-out check printed (see :mod:`cytologia.ensemble.tune`).
 ``--detector`` adds the detector (a detection run folder or a ``detector.pt``) so that the file is ready for
 ``cytologia predict``.
 
@@ -90,8 +90,8 @@ def _classifier_run(oof_path: Path) -> tuple[Path, dict[str, Any], list[Path], l
 
 
 def _member_spec(name: str, config: dict[str, Any], ckpts: list[Path], graphs: list[Path], tta: bool) -> Any:
-    from cytologia.classification.oof import is_multilabel_model
     from cytologia.ensemble import MemberSpec
+    from cytologia.oof_names import is_multilabel_model
 
     c = config.get("classifier", {})
     img_size, arch = c.get("img_size"), c.get("name")
@@ -139,15 +139,9 @@ def _detector_spec(path: Path, img_size: int | None) -> Any:
 def run(args: argparse.Namespace) -> int:
     from cytologia.classification.oof import read_oof
     from cytologia.data.io import read_annotations
-    from cytologia.ensemble import (
-        FLIP_SUFFIX,
-        Ensemble,
-        apply_tuning,
-        prepare_tuning,
-        summary,
-        tune,
-        write_ensemble,
-    )
+    from cytologia.ensemble import Ensemble, write_ensemble
+    from cytologia.ensemble.tune import apply_tuning, prepare_tuning, summary, tune
+    from cytologia.oof_names import flip_model_name, is_flip_model, plain_model_name
 
     tables, specs = [], []
     selection: dict[str, str] = {}  # OOF model -> trainer.select of its run
@@ -158,10 +152,11 @@ def run(args: argparse.Namespace) -> int:
         models = set(table["model"])
         selection.update({m: select for m in models})
         for model in sorted(models):
-            base = model.removesuffix(FLIP_SUFFIX)
-            use = base + FLIP_SUFFIX if args.tta == "auto" and base + FLIP_SUFFIX in models else base
+            base = plain_model_name(model)
+            flipped = flip_model_name(base)
+            use = flipped if args.tta == "auto" and flipped in models else base
             if model == use or model == args.multilabel:
-                specs.append(_member_spec(model, config, ckpts, graphs, tta=model.endswith(FLIP_SUFFIX)))
+                specs.append(_member_spec(model, config, ckpts, graphs, tta=is_flip_model(model)))
     known = {m for t in tables for m in set(t["model"])}
     multilabel = args.multilabel
     if multilabel is not None and multilabel not in known:
@@ -182,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
             if m not in {sp.oof_model for sp in specs}:
                 src = next(i for i, t in enumerate(tables) if m in set(t["model"]))
                 _, config, ckpts, graphs, _ = _classifier_run(args.oof[src])
-                specs.append(_member_spec(m, config, ckpts, graphs, tta=m.endswith(FLIP_SUFFIX)))
+                specs.append(_member_spec(m, config, ckpts, graphs, tta=is_flip_model(m)))
     else:
         wanted = [sp.oof_model for sp in specs if sp.kind == "cell"]
     truth, _ = read_annotations(args.truth, lenient=True)

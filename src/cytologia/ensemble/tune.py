@@ -1,18 +1,10 @@
-"""The classifier ensemble: blend rule, weights tuned on out-of-fold logits, and the ensemble file.
+"""Tuning the blend (:mod:`cytologia.ensemble.blend`) on out-of-fold logits: data, weight search, held-out check.
 
-Blend rule (``logit_mean``), the same in tuning and at prediction time (:func:`blend_probabilities`): each cell
-member contributes the first 23 columns of its logits (a member trained with a 24th "background" label loses it:
-every challenge box needs a cell class), the members' logits are summed with weights on the simplex (``w >= 0``,
-``sum w = 1``: the blend keeps the scale of one member's logits), an optional per-class bias is added, and the
-softmax gives the probabilities. When the ensemble has a multi-label full-image member, its per-class sigmoids
-(normalised to sum 1) are mixed in on **single-cell images** only, ``p = (1 - a) p_cells + a p_image`` -- the 1st
-place's rule; on a multi-cell image a full-image label cannot say which cell it belongs to.
-
-Tuning (:func:`tune`) maximises the challenge score on out-of-fold (OOF) logits. For a fixed set of boxes the
-score's box term does not depend on the classifiers, so the objective is its F1 part: scikit-learn's macro-F1 over
-ground-truth rows, each taking the class of its matched box (its own box for ground-truth crops; the detected box of
-best GIoU for crops of detected boxes, ``None`` when its image has no box), over the union of true and predicted
-labels. It is piecewise constant in the weights, so the optimiser is derivative-free:
+:func:`tune` maximises the challenge score on out-of-fold (OOF) logits. For a fixed set of boxes the score's box term
+does not depend on the classifiers, so the objective is its F1 part: scikit-learn's macro-F1 over ground-truth rows,
+each taking the class of its matched box (its own box for ground-truth crops; the detected box of best GIoU for crops
+of detected boxes, ``None`` when its image has no box), over the union of true and predicted labels. It is piecewise
+constant in the weights, so the optimiser is derivative-free:
 
 1. coordinate ascent on the simplex from two starts (uniform weights and the best single member): for each member
    in turn, a 21-point line search moving weight between it and the others, until a full pass gains nothing;
@@ -24,25 +16,18 @@ labels. It is piecewise constant in the weights, so the optimiser is derivative-
 Held-out check: every fold in turn is held out, the ensemble is tuned on the others and scored on it; the held-out
 predictions of all folds are pooled into one macro-F1 (cross-fitting), compared with the single member that scores
 best on the tuning folds (scored on the held-out fold) and with equal weights. With OOF logits of only one fold the
-images are split in two halves by a hash of their name. The weights written to the file are tuned on every fold.
+images are split in two halves by a hash of their name. The weights written to the ensemble file
+(:mod:`cytologia.ensemble.schema`, :func:`apply_tuning`) are tuned on every fold.
 
-The ensemble file (JSON, or YAML for a ``.yaml``/``.yml`` path) holds everything :mod:`cytologia.runtime.pipeline`
-needs: the members (architecture, input size, margin, flip TTA, per-fold checkpoints and/or ONNX files, weight),
-the blend (rule, class biases, multi-label weight), the detector (per-fold checkpoints/ONNX, input size, NMS,
-flip TTA, weighted box fusion and open-world settings) and the tuning report. Relative paths are relative to the
-file's folder, so a folder holding the file and its models can be moved as one.
+Prediction never imports this module: :mod:`cytologia.runtime` needs only the schema and the blend.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
 import zlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -50,305 +35,19 @@ import pandas as pd
 
 from cytologia.data.errors import CytologiaInputError, ValidationError
 from cytologia.data.schema import BOX_COLUMNS, CLASSES
+from cytologia.ensemble.blend import blend_logits, blend_probabilities, multilabel_probabilities, softmax
+from cytologia.ensemble.schema import N_CLASSES, BlendSpec, MemberSpec
+from cytologia.metrics import F1_WEIGHT
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
-N_CLASSES = len(CLASSES)
 NONE_CODE = N_CLASSES  # label code of "None" (a truth box whose image has no prediction) in the F1
-BLEND_RULES: tuple[str, ...] = ("logit_mean",)
-KINDS: tuple[str, ...] = ("cell", "multilabel")
-FLIP_SUFFIX = "+hflip"  # OOF model name of the mean of plain and mirrored logits (classification stage)
 GRID_POINTS = 21  # line-search points per coordinate (weights and the multi-label weight): steps of 0.05
 BIAS_POINTS = 11  # offsets tried per class bias, spread over +-1 standard deviation of the blended logits
 BIAS_PASSES = 3
 MAX_PASSES = 10  # coordinate-ascent passes over the members (it usually stops after 2-3)
 TIE_BREAK = 1e-3  # weight of the mean log-probability of the true class in the Nelder-Mead objective
-F1_WEIGHT = 0.8  # the challenge: 0.2 * mean rescaled GIoU + 0.8 * macro-F1
 _EPS = 1e-12
-
-
-# ------------------------------------------------------------------------------------------------ the ensemble file
-@dataclass
-class MemberSpec:
-    """One classifier of the ensemble; at prediction time its logits are the mean over its fold models (and over the
-    plain and mirrored crop with ``tta_flip``)."""
-
-    name: str
-    kind: str = "cell"  # "cell": crop of a box plus margin; "multilabel": the full image, per-class sigmoids
-    arch: str | None = None  # registry/timm name (informative: checkpoints and ONNX files carry their architecture)
-    img_size: int = 224
-    margin: float = 16.0  # px around the box (cell members)
-    tta_flip: bool = False
-    num_labels: int = N_CLASSES  # 23, or 24 with "background" last
-    weight: float = 1.0
-    checkpoints: list[str] = field(default_factory=list)  # one per fold: the classification stage's best.ckpt
-    onnx: list[str] = field(default_factory=list)  # one per fold: exported graphs (input "image", output "logits")
-    oof_model: str | None = None  # the OOF ``model`` name its weight was tuned on
-
-
-@dataclass
-class DetectorSpec:
-    """The single-class detector: one or more fold models, fused by weighted box fusion when there are several
-    passes (folds x flip)."""
-
-    backend: str = "ultralytics"
-    arch: str | None = None
-    img_size: int = 512
-    checkpoints: list[str] = field(default_factory=list)
-    onnx: list[str] = field(default_factory=list)
-    conf: float = 0.001  # low: the known-count rule keeps the top-N whatever their score
-    nms_iou: float = 0.6
-    max_det: int = 50
-    tta_flip: bool = False
-    wbf_iou: float = 0.55
-    wbf_skip: float = 0.0
-    wbf_conf_type: str = "avg"
-    open_world_score: float = 0.25  # open-world mode: score threshold, then class-agnostic NMS at this IoU
-    open_world_iou: float = 0.5
-
-
-@dataclass
-class BlendSpec:
-    rule: str = "logit_mean"
-    class_bias: list[float] | None = None  # one per class (23), added to the blended logits
-    multilabel_weight: float = 0.0  # share of the multi-label member on single-cell images
-
-
-@dataclass
-class Ensemble:
-    members: list[MemberSpec]
-    blend: BlendSpec = field(default_factory=BlendSpec)
-    detector: DetectorSpec | None = None
-    tuning: dict[str, Any] = field(default_factory=dict)  # the tuning report (held-out gain, ...)
-    version: int = VERSION
-    base_dir: Path | None = field(default=None, compare=False)  # folder relative paths resolve against (not saved)
-
-    @property
-    def cell_members(self) -> list[MemberSpec]:
-        return [m for m in self.members if m.kind == "cell"]
-
-    @property
-    def multilabel_member(self) -> MemberSpec | None:
-        found = [m for m in self.members if m.kind == "multilabel"]
-        return found[0] if found else None
-
-    def weights(self) -> np.ndarray:
-        """Cell members' weights as a float64 array that sums to 1."""
-        w = np.array([m.weight for m in self.cell_members], dtype=np.float64)
-        return w / w.sum()
-
-    def resolve(self, path: str) -> Path:
-        """A path of the file, absolute (relative paths are relative to the file's folder)."""
-        p = Path(path).expanduser()
-        return p if p.is_absolute() or self.base_dir is None else self.base_dir / p
-
-    def to_dict(self, relative_to: Path | None = None) -> dict[str, Any]:
-        """The file's content; paths rewritten relative to ``relative_to`` where they lie below it."""
-        out = asdict(self)
-        out.pop("base_dir")
-
-        def rel(path: str) -> str:
-            absolute = self.resolve(path)
-            if relative_to is None:
-                return str(path)
-            try:
-                return os.path.relpath(absolute, relative_to) if absolute.is_relative_to(relative_to) else str(absolute)
-            except ValueError:  # another drive on Windows
-                return str(absolute)
-
-        for member in out["members"]:
-            member["checkpoints"] = [rel(p) for p in member["checkpoints"]]
-            member["onnx"] = [rel(p) for p in member["onnx"]]
-        if out["detector"] is not None:
-            out["detector"]["checkpoints"] = [rel(p) for p in out["detector"]["checkpoints"]]
-            out["detector"]["onnx"] = [rel(p) for p in out["detector"]["onnx"]]
-        return {"version": out.pop("version"), **out}
-
-
-def _from_dict(cls: type, data: Any, where: str, source: str) -> Any:
-    """A dataclass from a mapping; unknown keys and wrong types are errors naming ``where`` in ``source``."""
-    if not isinstance(data, dict):
-        raise CytologiaInputError(f"{source}: {where} must be a mapping, got {type(data).__name__}")
-    known = {f.name: f for f in fields(cls) if f.name != "base_dir"}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise CytologiaInputError(
-            f"{source}: unknown key(s) {', '.join(unknown)} in {where}; known: {', '.join(known)}"
-        )
-    try:
-        return cls(**data)
-    except TypeError as err:
-        raise CytologiaInputError(f"{source}: {where}: {err}") from None
-
-
-def _check_number(value: Any, key: str, source: str, *, low: float | None = None, integer: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (not integer or float(value).is_integer()) and (low is None or value >= low)
-    if not ok:
-        what = "an integer" if integer else "a finite number"
-        raise CytologiaInputError(
-            f"{source}: {key}={value!r} must be {what}" + (f" >= {low}" if low is not None else "")
-        )
-
-
-def check_ensemble(ens: Ensemble, source: str = "<ensemble>") -> Ensemble:
-    """Check values and relations (kinds, sizes, weights, bias length, one multi-label member at most)."""
-    if not ens.members:
-        raise CytologiaInputError(f"{source}: the ensemble has no member")
-    names = [m.name for m in ens.members]
-    if len(set(names)) != len(names):
-        raise CytologiaInputError(f"{source}: member names repeat: {names}")
-    for i, m in enumerate(ens.members):
-        key = f"members[{i}] ({m.name})"
-        if m.kind not in KINDS:
-            raise CytologiaInputError(f"{source}: {key}.kind={m.kind!r} is not one of {', '.join(KINDS)}")
-        _check_number(m.img_size, f"{key}.img_size", source, low=1, integer=True)
-        _check_number(m.margin, f"{key}.margin", source, low=0)
-        _check_number(m.weight, f"{key}.weight", source, low=0)
-        if m.num_labels not in (N_CLASSES, N_CLASSES + 1):
-            raise CytologiaInputError(
-                f"{source}: {key}.num_labels={m.num_labels} must be {N_CLASSES} or {N_CLASSES + 1}"
-            )
-        for what in ("checkpoints", "onnx"):
-            value = getattr(m, what)
-            if not isinstance(value, list) or not all(isinstance(p, str) and p for p in value):
-                raise CytologiaInputError(f"{source}: {key}.{what} must be a list of paths")
-    if len([m for m in ens.members if m.kind == "multilabel"]) > 1:
-        raise CytologiaInputError(f"{source}: at most one multilabel member is supported")
-    cells = ens.cell_members
-    if not cells:
-        raise CytologiaInputError(f"{source}: the ensemble needs at least one cell member (kind: cell)")
-    if sum(m.weight for m in cells) <= 0:
-        raise CytologiaInputError(f"{source}: the cell members' weights sum to 0")
-    b = ens.blend
-    if b.rule not in BLEND_RULES:
-        raise CytologiaInputError(f"{source}: blend.rule={b.rule!r} is not one of {', '.join(BLEND_RULES)}")
-    if b.class_bias is not None and (
-        len(b.class_bias) != N_CLASSES
-        or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in b.class_bias)
-    ):
-        raise CytologiaInputError(f"{source}: blend.class_bias must hold {N_CLASSES} finite numbers (or be null)")
-    if not (isinstance(b.multilabel_weight, (int, float)) and 0.0 <= b.multilabel_weight <= 1.0):
-        raise CytologiaInputError(f"{source}: blend.multilabel_weight={b.multilabel_weight!r} must be in [0, 1]")
-    d = ens.detector
-    if d is not None:
-        _check_number(d.img_size, "detector.img_size", source, low=32, integer=True)
-        if d.img_size % 32:
-            raise CytologiaInputError(f"{source}: detector.img_size={d.img_size} must be a multiple of 32")
-        _check_number(d.max_det, "detector.max_det", source, low=1, integer=True)
-        for key in ("conf", "nms_iou", "wbf_iou", "wbf_skip", "open_world_score", "open_world_iou"):
-            value = getattr(d, key)
-            if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
-                raise CytologiaInputError(f"{source}: detector.{key}={value!r} must be in [0, 1]")
-        if d.wbf_conf_type not in ("avg", "max"):
-            raise CytologiaInputError(f"{source}: detector.wbf_conf_type={d.wbf_conf_type!r} must be avg or max")
-    return ens
-
-
-def ensemble_from_dict(data: Any, source: str = "<ensemble>", base_dir: Path | None = None) -> Ensemble:
-    """An :class:`Ensemble` from the file's content (see :meth:`Ensemble.to_dict`), checked."""
-    if not isinstance(data, dict):
-        raise CytologiaInputError(f"{source}: expected a mapping at the top level")
-    data = dict(data)
-    version = data.pop("version", VERSION)
-    if version != VERSION:
-        raise CytologiaInputError(f"{source}: ensemble file version {version!r}; this cytologia reads {VERSION}")
-    unknown = sorted(set(data) - {"members", "blend", "detector", "tuning"})
-    if unknown:
-        raise CytologiaInputError(f"{source}: unknown top-level key(s) {', '.join(unknown)}")
-    members_raw = data.get("members")
-    if not isinstance(members_raw, list):
-        raise CytologiaInputError(f"{source}: members must be a list")
-    members = [_from_dict(MemberSpec, m, f"members[{i}]", source) for i, m in enumerate(members_raw)]
-    blend = _from_dict(BlendSpec, data.get("blend") or {}, "blend", source)
-    det_raw = data.get("detector")
-    detector = None if det_raw is None else _from_dict(DetectorSpec, det_raw, "detector", source)
-    tuning = data.get("tuning") or {}
-    ens = Ensemble(members=members, blend=blend, detector=detector, tuning=dict(tuning), base_dir=base_dir)
-    return check_ensemble(ens, source)
-
-
-def read_ensemble(path: str | Path) -> Ensemble:
-    """Read and check an ensemble file (``.json``, ``.yaml``/``.yml``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CytologiaInputError(f"{path}: no such ensemble file")
-    text = path.read_text()
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except (json.JSONDecodeError, ValueError) as err:
-        raise CytologiaInputError(f"{path}: not a readable ensemble file: {err}") from None
-    return ensemble_from_dict(data, str(path), base_dir=path.resolve().parent)
-
-
-def write_ensemble(ens: Ensemble, path: str | Path) -> Path:
-    """Check and write the ensemble file atomically; paths below its folder are written relative to it."""
-    path = Path(path)
-    check_ensemble(ens, str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = ens.to_dict(relative_to=path.resolve().parent)
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        text = yaml.safe_dump(data, sort_keys=False)
-    else:
-        text = json.dumps(data, indent=1) + "\n"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
-
-
-# ------------------------------------------------------------------------------------------------------ the blend
-def softmax(z: np.ndarray) -> np.ndarray:
-    """Row-wise softmax (float32 input stays float32: tuning evaluates it hundreds of times; else float64)."""
-    z = np.asarray(z)
-    z = z if z.dtype == np.float32 else z.astype(np.float64)
-    e = np.exp(z - z.max(axis=-1, keepdims=True))
-    e /= e.sum(axis=-1, keepdims=True)
-    return e
-
-
-def multilabel_probabilities(logits: np.ndarray) -> np.ndarray:
-    """Per-class sigmoids of a multi-label model's first 23 logits, normalised to sum 1 per row."""
-    z = np.asarray(logits, dtype=np.float64)[..., :N_CLASSES]
-    s = 1.0 / (1.0 + np.exp(-z))
-    return s / np.maximum(s.sum(axis=-1, keepdims=True), _EPS)
-
-
-def blend_logits(member_logits: np.ndarray, weights: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    """``sum_m w_m z_m[:, :23] + bias``: ``member_logits`` is (M, n, K >= 23), ``weights`` (M,) on the simplex."""
-    logits = np.asarray(member_logits)[..., :N_CLASSES]
-    # float32 logits stay float32 (a matrix-vector product, no float64 copy of the whole stack)
-    dtype = np.float32 if logits.dtype == np.float32 else np.float64
-    z = np.tensordot(np.asarray(weights, dtype), logits, axes=1)
-    return z + np.asarray(bias, dtype) if bias is not None else z
-
-
-def blend_probabilities(
-    member_logits: np.ndarray,
-    weights: np.ndarray,
-    bias: np.ndarray | None = None,
-    image_prob: np.ndarray | None = None,
-    single_cell: np.ndarray | None = None,
-    multilabel_weight: float = 0.0,
-) -> np.ndarray:
-    """The ensemble's class probabilities (n, 23); see the module docstring. ``image_prob`` (n, 23) is the
-    multi-label member's :func:`multilabel_probabilities` of each box's image (NaN rows: none), mixed in where
-    ``single_cell`` is true."""
-    p = softmax(blend_logits(member_logits, weights, bias))
-    if image_prob is not None and multilabel_weight > 0:
-        use = np.isfinite(image_prob).all(axis=1)
-        if single_cell is not None:
-            use &= np.asarray(single_cell, dtype=bool)
-        p[use] = (1.0 - multilabel_weight) * p[use] + multilabel_weight * image_prob[use]
-    return p
 
 
 # -------------------------------------------------------------------------------------------------------- scoring
