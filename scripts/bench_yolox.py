@@ -4,11 +4,11 @@ training each with the same budget on a generated set.
     python scripts/bench_yolox.py timing --sizes 384 512 --threads 2
     python scripts/bench_yolox.py score --epochs 15 --img-size 256 --n-images 300
 
-``timing``: random weights (the network's speed does not depend on them; their scores stay under the 0.001 floor, so
-NMS has next to nothing to do -- with a trained network, NMS over the at most 1,000 candidates adds a few ms), every
-model exported to ONNX, then
-:func:`cytologia.detection.yolox.export.benchmark` / :func:`cytologia.detection.export.benchmark` -- decode, letterbox,
-network, NMS; the best of ``--repeats`` interleaved passes over generated 368 px images, batch 1, same thread count.
+``timing``: random weights (:meth:`Detector.save_random`; the network's speed does not depend on them, their scores
+stay under the 0.001 floor, so NMS has next to nothing to do -- with a trained network, NMS over the at most 1,000
+candidates adds a few ms), every model exported to ONNX, then :func:`cytologia.detection.export.benchmark` -- decode,
+letterbox, network, NMS; the best of two blocks of ``--repeats`` timed passes per runtime over generated 368 px
+images, batch 1, same thread count.
 
 ``score``: a generated data set (``cytologia.data.synthetic.generate``), 4 random folds, fold 0 held out; each model
 trains on the other folds for the same number of epochs at the same size and batch (AdamW, lr 0.002 -- ultralytics'
@@ -34,33 +34,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cytologia.detection import DetectionData, TrainSettings, create_detector, load_detector
+from cytologia.detection import DetectionData, TrainSettings, create_detector, get_backend, load_detector
 from cytologia.detection.oof import known_count_giou
 
 HAVE_ULTRALYTICS = importlib.util.find_spec("ultralytics") is not None
 
 
-def yolox_checkpoint(name: str, out: Path) -> Path:
-    from cytologia.detection.yolox.checkpoint import save_checkpoint
-    from cytologia.detection.yolox.model import build_yolox
-
-    model = build_yolox(name)
-    return save_checkpoint(out / f"{name}.pt", model, name, img_size=512, epoch=0, metrics={}, train_args={})
-
-
-def ultralytics_checkpoint(name: str, out: Path) -> Path:
-    from ultralytics import YOLO
-    from ultralytics.nn.tasks import DetectionModel
-
-    yolo = YOLO(f"{name}.yaml", task="detect", verbose=False)
-    yolo.model = DetectionModel(f"{name}.yaml", nc=1, verbose=False)  # one class, as the backend trains
-    path = out / f"{name}.pt"
-    yolo.save(str(path))
-    return path
-
-
 def timing(args: argparse.Namespace) -> dict[str, Any]:
-    from cytologia.detection.export import generated_images
+    from cytologia.detection.export import benchmark, generated_images
 
     results: dict[str, Any] = {"threads": args.threads, "torch": torch.__version__, "rows": []}
     with tempfile.TemporaryDirectory(prefix="bench-yolox-") as tmp:
@@ -69,15 +50,8 @@ def timing(args: argparse.Namespace) -> dict[str, Any]:
         models = [("yolox", m) for m in args.yolox] + ([("ultralytics", m) for m in args.ultralytics]
                                                         if HAVE_ULTRALYTICS else [])  # fmt: skip
         for backend, name in models:
-            if backend == "yolox":
-                from cytologia.detection.yolox.export import benchmark
-
-                ckpt = yolox_checkpoint(name, tmp_path)
-            else:
-                from cytologia.detection.export import benchmark
-
-                ckpt = ultralytics_checkpoint(name, tmp_path)
-            detector = load_detector(ckpt, backend=backend)
+            ckpt = get_backend(backend).save_random(name, tmp_path / f"{name}.pt", img_size=512)
+            detector = load_detector(ckpt)
             params = sum(p.numel() for p in detector.network("cpu").parameters()) / 1e6
             for size in args.sizes:
                 onnx_path = detector.export_onnx(tmp_path / f"{name}_{size}.onnx", img_size=size)

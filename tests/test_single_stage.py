@@ -20,9 +20,9 @@ from cytologia.data.errors import CytologiaInputError  # noqa: E402
 from cytologia.data.io import read_submission, read_test, validate_submission  # noqa: E402
 from cytologia.data.schema import CLASSES  # noqa: E402
 from cytologia.data.synthetic.generate import SynthConfig, generate  # noqa: E402
-from cytologia.detection.letterbox import letterbox  # noqa: E402
+from cytologia.detection.letterbox import letterbox, map_back  # noqa: E402
 from cytologia.detection.registry import DetectionData  # noqa: E402
-from cytologia.detection.ultralytics_backend import boxes_from_output, write_yolo_dataset  # noqa: E402
+from cytologia.detection.ultralytics_backend import UltralyticsDetector, nms, write_yolo_dataset  # noqa: E402
 from cytologia.single_stage import SingleStageSettings, known_count_submission, prior_class  # noqa: E402
 
 
@@ -120,16 +120,16 @@ def test_multiclass_dataset_labels_carry_the_class_index(tmp_path: Path) -> None
         write_yolo_dataset(bad, class_names=CLASSES)
 
 
-def test_boxes_from_output_keeps_the_best_class_of_each_box() -> None:
+def test_nms_with_class_keeps_the_best_class_of_each_box() -> None:
     _, frame = letterbox(np.zeros((64, 64, 3), np.uint8), 64)
     raw = torch.zeros(1, 4 + 3, 2)
     raw[0, :4, 0] = torch.tensor([20.0, 20.0, 10.0, 10.0])
     raw[0, 4:, 0] = torch.tensor([0.1, 0.8, 0.3])  # class 1 at 0.8
     raw[0, :4, 1] = torch.tensor([50.0, 50.0, 10.0, 10.0])
     raw[0, 4:, 1] = torch.tensor([0.6, 0.2, 0.1])  # class 0 at 0.6
-    (out,) = boxes_from_output(raw, [frame], 64, conf=0.01, iou=0.5, max_det=10, with_class=True)
+    (out,) = map_back(nms(raw, conf=0.01, iou=0.5, max_det=10, with_class=True), [frame], 64)
     np.testing.assert_allclose(out, [[15, 15, 25, 25, 0.8, 1], [45, 45, 55, 55, 0.6, 0]], atol=1e-5)
-    (plain,) = boxes_from_output(raw, [frame], 64, conf=0.01, iou=0.5, max_det=10)
+    (plain,) = UltralyticsDetector.boxes_from_output(raw, [frame], 64, conf=0.01, iou=0.5, max_det=10)
     np.testing.assert_allclose(plain, out[:, :5], atol=1e-5)
 
 

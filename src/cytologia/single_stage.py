@@ -396,7 +396,7 @@ def predict_boxes(
     """Boxes with their class (``NAME, x1, y1, x2, y2, score, cls``) of a single-stage checkpoint, in each image's
     own pixels: class-agnostic NMS, each box with its best class. The checkpoint must name the 23 classes."""
     from cytologia.detection.registry import load_detector
-    from cytologia.detection.ultralytics_backend import detect_images
+    from cytologia.detection.ultralytics_backend import detect_with_classes
 
     detector = load_detector(checkpoint)
     net = detector.network(device)
@@ -404,9 +404,9 @@ def predict_boxes(
     found = tuple(str(names_of[i]) for i in sorted(names_of)) if isinstance(names_of, dict) else tuple(names_of)
     if found != CLASSES:
         raise CytologiaInputError(f"{checkpoint}: not a single-stage checkpoint of the 23 classes (names {found})")
-    table = detect_images(
+    table = detect_with_classes(
         detector.forward_fn(device), image_paths, names, img_size=img_size, conf=conf, iou=iou, max_det=max_det,
-        tta_flip=False, batch_size=batch_size, with_class=True,
+        batch_size=batch_size,
     )  # fmt: skip
     return table.drop(columns="tta")
 

@@ -17,7 +17,7 @@ from cytologia.data.errors import CytologiaInputError  # noqa: E402
 from cytologia.detection import DetectionData, load_detector  # noqa: E402
 from cytologia.detection.letterbox import letterbox, to_input  # noqa: E402
 from cytologia.detection.ultralytics_backend import (  # noqa: E402
-    boxes_from_output,
+    UltralyticsDetector,
     offline_amp_check,
     write_yolo_dataset,
 )
@@ -89,11 +89,13 @@ def test_letterbox_and_box_mapping_round_trip() -> None:
     # the image box (20, 10, 60, 50) is (12.8, 38.4, 38.4, 64.0) in the square: centre (25.6, 51.2), size 25.6
     raw = torch.zeros(1, 5, 2)
     raw[0, :, 0] = torch.tensor([25.6, 51.2, 25.6, 25.6, 0.9])
-    (plain,) = boxes_from_output(raw, [frame], 128, conf=0.5, iou=0.5, max_det=10)
+    (plain,) = UltralyticsDetector.boxes_from_output(raw, [frame], 128, conf=0.5, iou=0.5, max_det=10)
     np.testing.assert_allclose(plain, [[20, 10, 60, 50, 0.9]], atol=1e-4)
     raw_mirrored = raw.clone()
     raw_mirrored[0, 0, 0] = 128 - 25.6  # what the network sees on the mirrored input
-    (back,) = boxes_from_output(raw_mirrored, [frame], 128, conf=0.5, iou=0.5, max_det=10, flipped=True)
+    (back,) = UltralyticsDetector.boxes_from_output(
+        raw_mirrored, [frame], 128, conf=0.5, iou=0.5, max_det=10, flipped=True
+    )
     np.testing.assert_allclose(back, plain, atol=1e-4)
 
 

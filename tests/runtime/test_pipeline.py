@@ -205,10 +205,20 @@ def test_yolox_detector_backend(tiny, tmp_path: Path) -> None:
     ens.detector.checkpoints, ens.detector.onnx = [str(ckpt)], [str(graph)]
     path = write_ensemble(ens, tmp_path / "yolox.json")
     _, paths, counts = _images(tiny)
+    results = {}
     for runtime in ("onnx", "torch"):
-        result = Pipeline(read_ensemble(path), runtime=runtime, device="cpu").predict(paths[:4], counts=counts)
+        pipe = Pipeline(read_ensemble(path), runtime=runtime, device="cpu")
+        assert pipe.detector_cls.backend == "yolox"
+        results[runtime] = result = pipe.predict(paths[:4], counts=counts)
         per_image = result.boxes.groupby("NAME").size()
         assert len(per_image) == 4 and (per_image == counts.reindex(per_image.index)).all()
+    # the backend the files record wins over an ensemble file naming another one (e.g. a default)
+    ens.detector.backend = "ultralytics"
+    for runtime in ("onnx", "torch"):
+        pipe = Pipeline(ens, runtime=runtime, device="cpu")
+        assert pipe.detector_cls.backend == "yolox"
+        boxes = pipe.predict(paths[:4], counts=counts).boxes
+        pd.testing.assert_frame_equal(boxes, results[runtime].boxes)
     ens.detector.backend = "nope"
-    with pytest.raises(CytologiaInputError, match="ultralytics and yolox"):
+    with pytest.raises(CytologiaInputError, match=r"unknown detector backend 'nope'.*available: ultralytics, yolox"):
         Pipeline(ens)

@@ -1,8 +1,9 @@
 """`cytologia export detector --weights W --out model.onnx --img-size 512`: ONNX export, verified against torch.
 
-After writing the graph the command runs it with ONNX Runtime next to the torch checkpoint on the same images
-(``--images DIR``, or a few generated smears) and fails (exit 1) when they differ beyond the tolerances of
-:mod:`cytologia.detection.export`. ``--bench`` adds detection ms/image on the CPU, torch vs ONNX Runtime.
+The checkpoint may be of any detector backend: the backend is read from the file. After writing the graph the
+command runs it with ONNX Runtime next to the torch checkpoint on the same images (``--images DIR``, or a few
+generated smears) and fails (exit 1) when they differ beyond the tolerances of :mod:`cytologia.detection.export`.
+``--bench`` adds detection ms/image on the CPU, torch vs ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"{RAW_SCORE_ATOL:g} (raw scores), or when a box after NMS is more than {BOX_ATOL_PX:g} image px from "
         "every box of the other side.",
     )
-    det.add_argument("--weights", type=Path, required=True, help="trained checkpoint (run folder's fold_K/detector.pt)")
+    det.add_argument("--weights", type=Path, required=True, help="trained checkpoint (fold_K/detector.pt), any backend")
     det.add_argument("--out", type=Path, required=True, help="ONNX file to write")
     det.add_argument("--img-size", type=int, default=512, help="network input side the graph is traced at (512)")
     det.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's choice)")
@@ -59,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     if args.n_verify < 1:
         raise CytologiaInputError(f"--n-verify {args.n_verify} must be >= 1")
     detector, path = export_detector(args.weights, args.out, args.img_size, opset=args.opset)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) from {args.weights} ({detector.model})")
+    size_mb = path.stat().st_size / 1e6
+    print(f"wrote {path} ({size_mb:.1f} MB) from {args.weights} ({detector.backend}/{detector.model})")
     results: dict[str, object] = {"onnx": str(path), "weights": str(args.weights), "img_size": args.img_size}
     ok = True
     with tempfile.TemporaryDirectory(prefix="cytologia-export-") as tmp:

@@ -1,4 +1,5 @@
-"""Single-class leukocyte detection: backends (registry), training stage, out-of-fold boxes, ONNX export.
+"""Single-class leukocyte detection: one :class:`Detector` interface (:mod:`~cytologia.detection.base`), backends by
+name (registry), training stage, out-of-fold boxes, ONNX export.
 
 ``from cytologia.detection import create_detector, list_detectors`` does not import torch or ultralytics; a backend's
 module is imported when a detector of it is created.
@@ -10,6 +11,7 @@ from cytologia.detection.registry import (
     Detector,
     TrainResult,
     TrainSettings,
+    checkpoint_backend,
     create_detector,
     get_backend,
     list_detectors,
@@ -23,6 +25,7 @@ __all__ = [
     "Detector",
     "TrainResult",
     "TrainSettings",
+    "checkpoint_backend",
     "create_detector",
     "get_backend",
     "list_detectors",

@@ -1,9 +1,10 @@
-"""ONNX export of a trained detector, checked against torch, and a torch vs ONNX Runtime timing on the CPU.
+"""ONNX export of a trained detector of any backend, checked against torch, and a torch vs ONNX Runtime timing.
 
-The graph holds the network only (``simplify=False``: no onnxslim; NMS outside), input ``images`` float32
-(B, 3, S, S) RGB in [0, 1], output ``output0`` (B, 5, anchors): centre-size boxes in input pixels and the score.
-:class:`OnnxDetector` runs it with the *same* letterbox, NMS and box mapping as the torch detector
-(:func:`cytologia.detection.ultralytics_backend.detect_images`), so the two differ only in the network.
+The graph holds the network only (NMS outside; each backend writes it, :meth:`Detector.write_onnx`), input ``images``
+float32 (B, 3, S, S) RGB in [0, 1], output ``output0`` (B, 5, anchors): centre-size boxes in input pixels and the
+score; its metadata records the backend (:data:`~cytologia.detection.base.BACKEND_KEY`). :class:`OnnxDetector` runs it
+with the *same* letterbox, decoding (the backend's NMS) and box mapping as the torch detector
+(:meth:`Detector.detect_images`), so the two differ only in the network.
 
 Parity (:func:`verify_onnx`), on the same letterboxed batch:
 
@@ -22,13 +23,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from cytologia.data.errors import CytologiaInputError
 from cytologia.data.schema import BOX_COLUMNS
-from cytologia.detection.registry import Detector, load_detector
+from cytologia.detection.base import BACKEND_KEY, Detector
+from cytologia.detection.registry import get_backend, load_detector
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +41,46 @@ BOX_ATOL_PX = 1.0  # px of the image, after NMS and mapping back
 
 
 def export_detector(
-    weights: str | Path, out: str | Path, img_size: int, opset: int | None = None, backend: str = "ultralytics"
+    weights: str | Path, out: str | Path, img_size: int, opset: int | None = None
 ) -> tuple[Detector, Path]:
-    """Export the trained checkpoint ``weights`` to ONNX at ``out``; returns the (torch) detector and the path."""
-    detector = load_detector(weights, backend=backend)
+    """Export the trained checkpoint ``weights`` (of the backend it records) to ONNX at ``out``; returns the (torch)
+    detector and the path."""
+    detector = load_detector(weights)
     path = detector.export_onnx(out, img_size=img_size, opset=opset)
-    log.info("exported %s (%s) to %s (%.1f MB)", weights, detector.model, path, path.stat().st_size / 1e6)
+    log.info("exported %s (%s/%s) to %s (%.1f MB)", weights, detector.backend, detector.model, path,
+             path.stat().st_size / 1e6)  # fmt: skip
     return detector, path
 
 
-class OnnxDetector:
-    """An exported detector run by ONNX Runtime: ``predict`` gives the torch detector's table for the same images."""
+def record_backend(path: Path, backend: str) -> Path:
+    """Record ``backend`` in the metadata of the ONNX graph at ``path`` (:data:`BACKEND_KEY`, replacing an earlier
+    value); returns ``path``."""
+    import onnx
 
-    def __init__(self, path: str | Path, threads: int | None = None, providers: Sequence[str] | None = None) -> None:
+    model = onnx.load(str(path))
+    props = {p.key: p.value for p in model.metadata_props}
+    props[BACKEND_KEY] = backend
+    onnx.helper.set_model_props(model, props)
+    onnx.save(model, str(path))
+    return path
+
+
+def graph_backend(session: Any) -> str | None:
+    """The backend an ONNX Runtime session's graph records (:data:`BACKEND_KEY`); None for a graph that records none
+    (exported before graphs did)."""
+    return session.get_modelmeta().custom_metadata_map.get(BACKEND_KEY)
+
+
+class OnnxDetector:
+    """An exported detector run by ONNX Runtime: ``predict`` gives the torch detector's table for the same images.
+
+    ``backend``: the backend whose decoding ``predict`` uses; None = the one the graph records. A graph recording
+    another backend than ``backend`` is an error; one recording none needs ``backend`` to predict."""
+
+    def __init__(
+        self, path: str | Path, threads: int | None = None, providers: Sequence[str] | None = None,
+        backend: str | None = None,
+    ) -> None:  # fmt: skip
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -69,6 +99,10 @@ class OnnxDetector:
         except Exception as err:  # onnxruntime raises its own exception types for unreadable graphs
             raise CytologiaInputError(f"{self.path}: not a loadable ONNX model ({err})") from err
         self.input_name = self.session.get_inputs()[0].name
+        recorded = graph_backend(self.session)
+        if backend is not None and recorded is not None and recorded != backend:
+            raise CytologiaInputError(f"{self.path}: a graph of a {recorded} detector, not of {backend}")
+        self.backend = recorded or backend
 
     def forward(self, x: np.ndarray) -> np.ndarray:
         """Network input (float32 (B, 3, S, S)) -> raw output (B, 5, anchors)."""
@@ -86,9 +120,11 @@ class OnnxDetector:
         batch_size: int = 16,
         names: Sequence[str] | None = None,
     ) -> pd.DataFrame:
-        from cytologia.detection.ultralytics_backend import detect_images
-
-        return detect_images(
+        """Boxes of ``images`` as :meth:`Detector.predict` gives them, with the graph in place of the torch network."""
+        if self.backend is None:
+            raise CytologiaInputError(f"{self.path}: the graph does not record its detector backend ({BACKEND_KEY}); "
+                                      "give OnnxDetector(..., backend=NAME)")  # fmt: skip
+        return get_backend(self.backend).detect_images(
             self.forward, images, names, img_size=img_size, conf=conf, iou=iou, max_det=max_det, tta_flip=tta_flip,
             batch_size=batch_size,
         )  # fmt: skip
@@ -154,7 +190,7 @@ def verify_onnx(
 
     if not images:
         raise CytologiaInputError("ONNX verification needs at least one image")
-    onnx = OnnxDetector(onnx_path)
+    onnx = OnnxDetector(onnx_path, backend=detector.backend)
     torch_forward = detector.forward_fn("cpu")
     x = to_input([letterbox(decode(p), img_size)[0] for p in images])
     raw_t = np.asarray(torch_forward(x).cpu().numpy(), dtype=np.float64)
@@ -210,7 +246,7 @@ def benchmark(
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    onnx = OnnxDetector(onnx_path, threads=threads)
+    onnx = OnnxDetector(onnx_path, threads=threads, backend=detector.backend)
     runners = {
         "torch": lambda: detector.predict(images, img_size=img_size, batch_size=batch_size, device="cpu"),
         "onnxruntime": lambda: onnx.predict(images, img_size=img_size, batch_size=batch_size),

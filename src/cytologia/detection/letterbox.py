@@ -1,8 +1,9 @@
 """Backend-neutral prediction plumbing: letterbox, network input, boxes back to image pixels, the batched loop.
 
-Both detector backends see an image identically (ultralytics' LetterBox rounding), so the ultralytics backend and
-the YOLOX backend share this module; it imports neither ultralytics nor torch, so an Apache-only install uses it too.
-A backend brings only its forward function and the decoding of its raw output (score threshold + NMS).
+Every detector backend sees an image identically (ultralytics' LetterBox rounding): the prediction loop of
+:class:`cytologia.detection.base.Detector` and the inference pipeline use this module; it imports no backend's package
+and not torch, so an Apache-only install uses it too. A backend brings only its network and the decoding of its raw
+output (score threshold + NMS).
 """
 
 from __future__ import annotations
@@ -66,6 +67,12 @@ def to_image_pixels(d: np.ndarray, frame: Frame, size: int, flipped: bool = Fals
     d[:, [0, 2]] = np.clip((d[:, [0, 2]] - frame.pad_x) / frame.gain_x, 0, frame.width)
     d[:, [1, 3]] = np.clip((d[:, [1, 3]] - frame.pad_y) / frame.gain_y, 0, frame.height)
     return d
+
+
+def map_back(dets: Sequence[np.ndarray], frames: Sequence[Frame], size: int, flipped: bool = False) -> list[np.ndarray]:
+    """Per image rows ``x1, y1, x2, y2, ...`` in network-input pixels -> float64 arrays in each image's own pixels
+    (:func:`to_image_pixels` with that image's frame)."""
+    return [to_image_pixels(np.asarray(d, dtype=np.float64), f, size, flipped) for d, f in zip(dets, frames)]
 
 
 def detect_in_batches(

@@ -1,8 +1,12 @@
 """Detector backends behind one interface, created by name (timm's habit: ``create_detector``, ``list_detectors``).
 
-A backend is a class implementing :class:`Detector`, registered under a name with :func:`register_backend` (or listed
-in :data:`BACKENDS` as ``"module:Class"``, imported only when used, so listing backends does not import torch). Each
-backend names its architectures (``models()``); a miss names what exists, with the closest names first.
+A backend is a class implementing :class:`~cytologia.detection.base.Detector`, registered under a name with
+:func:`register_backend` (or listed in :data:`BACKENDS` as ``"module:Class"``, imported only when used, so listing
+backends does not import torch). Each backend names its architectures (``models()``); a miss names what exists, with
+the closest names first. Adding a backend: its module, one line in :data:`BACKENDS`, its ``configs/detector/*.yaml``.
+
+A checkpoint records the backend that wrote it (:data:`~cytologia.detection.base.BACKEND_KEY`), so
+:func:`load_detector` needs only the file; one written before checkpoints did is recognised by its format.
 
 Every detector here is **single-class** (a leukocyte box); classes are the classifiers' job.
 """
@@ -12,20 +16,26 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from cytologia.data.errors import CytologiaInputError
+from cytologia.detection.base import BACKEND_KEY, PREDICT_COLUMNS, Detector, read_header, recorded_backend
+
+__all__ = [  # Detector and PREDICT_COLUMNS live in cytologia.detection.base; imported from here too
+    "BACKENDS", "CLASS_NAME", "PREDICT_COLUMNS", "DetectionData", "Detector", "TrainResult", "TrainSettings",
+    "agreed_backend", "backend_available", "backend_of_model", "checkpoint_backend", "create_detector", "get_backend",
+    "list_detectors", "load_detector", "register_backend", "require_optional",
+]  # fmt: skip
+
+log = logging.getLogger(__name__)
 
 CLASS_NAME = "leukocyte"  # the one class every detector is trained on
-# Columns of :meth:`Detector.predict`: the boxes of one pass; ``tta`` is "none" or the flip that made it ("hflip").
-PREDICT_COLUMNS: tuple[str, ...] = ("NAME", "x1", "y1", "x2", "y2", "score", "tta")
 
 
 @dataclass
@@ -77,58 +87,6 @@ class TrainResult:
     epoch_seconds: list[float]  # the training pass of each epoch (no validation)
     n_train_images: int
     n_val_images: int
-
-
-class Detector(ABC):
-    """A single-class box detector. Construct through :func:`create_detector`."""
-
-    backend: str = ""  # registry name
-
-    def __init__(self, model: str, weights: str | Path | None = None, checkpoint: str | Path | None = None) -> None:
-        self.model = model
-        self.weights = weights
-        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
-
-    @classmethod
-    @abstractmethod
-    def models(cls) -> list[str]:
-        """Architecture names this backend builds."""
-
-    @classmethod
-    @abstractmethod
-    def checkpoint_model(cls, checkpoint: str | Path) -> str:
-        """The architecture name a trained checkpoint of this backend was built as."""
-
-    @abstractmethod
-    def train(self, data: DetectionData, out_dir: Path, settings: TrainSettings) -> TrainResult:
-        """Train on every fold but ``data.fold``, select a checkpoint on the held-out fold; weights go under
-        ``out_dir``. Afterwards the detector predicts with the selected weights."""
-
-    @abstractmethod
-    def forward_fn(self, device: str = "auto") -> Callable[[np.ndarray], Any]:
-        """The trained network as a function: preprocessed input batch (float32 numpy) -> raw output (what the ONNX
-        graph computes); parity checks and benchmarks run it."""
-
-    @abstractmethod
-    def predict(
-        self,
-        images: Sequence[str | Path],
-        *,
-        img_size: int,
-        conf: float = 0.001,
-        iou: float = 0.6,
-        max_det: int = 50,
-        tta_flip: bool = False,
-        batch_size: int = 16,
-        device: str = "auto",
-        names: Sequence[str] | None = None,
-    ) -> pd.DataFrame:
-        """Boxes (:data:`PREDICT_COLUMNS`) of each image in its own pixel frame; ``tta_flip`` adds a pass on the
-        mirrored image (rows with ``tta == "hflip"``, boxes mapped back). ``names`` default to the file names."""
-
-    @abstractmethod
-    def export_onnx(self, path: str | Path, *, img_size: int, opset: int | None = None) -> Path:
-        """Write the trained network to ONNX at ``path`` (raw outputs; NMS stays outside the graph)."""
 
 
 # name -> "module:Class" (imported on first use) or the class itself once registered/imported
@@ -186,7 +144,7 @@ def get_backend(name: str) -> type[Detector]:
     """The class of a backend; a miss names the registered backends."""
     entry = BACKENDS.get(name)
     if entry is None:
-        raise CytologiaInputError(f"unknown detector backend {name!r}{_closest(name, sorted(BACKENDS))}")
+        raise _unknown_backend(name)
     if isinstance(entry, str):
         require_optional(name)
         module, _, attr = entry.partition(":")
@@ -220,13 +178,76 @@ def create_detector(
     return cls(model, weights=weights, checkpoint=checkpoint)
 
 
-def load_detector(checkpoint: str | Path, backend: str = "ultralytics") -> Detector:
-    """A trained detector from its checkpoint; the architecture is read from the file.
+def _unknown_backend(name: str) -> CytologiaInputError:
+    return CytologiaInputError(f"unknown detector backend {name!r}{_closest(name, sorted(BACKENDS))}")
+
+
+def checkpoint_backend(checkpoint: str | Path) -> str:
+    """The backend that wrote ``checkpoint``: the one it records, else the one whose format it matches (a file
+    written before checkpoints recorded it). Neither: an error naming the file. The file's code is not run."""
+    header = read_header(checkpoint)
+    name = recorded_backend(header)
+    if name is not None:
+        if name not in BACKENDS:
+            raise CytologiaInputError(f"{header.path}: written by detector backend {name!r}, which is not registered"
+                                      f"{_closest(name, sorted(BACKENDS))}")  # fmt: skip
+        return name
+    for name in sorted(BACKENDS):
+        need = OPTIONAL_PACKAGES.get(name)
+        if not backend_available(name):
+            if need is not None and header.refers_to(need[0]):
+                require_optional(name)  # the file is of a backend whose package is absent: say how to install it
+            continue
+        if get_backend(name).recognizes(header):
+            return name
+    raise CytologiaInputError(
+        f"{header.path}: does not record its detector backend ({BACKEND_KEY!r}) and its format is none of "
+        f"{', '.join(sorted(BACKENDS))}"
+    )
+
+
+def load_detector(checkpoint: str | Path) -> Detector:
+    """A trained detector from its checkpoint; the backend (:func:`checkpoint_backend`) and the architecture are
+    read from the file.
 
     A checkpoint is a pickle: load only files this project (or someone you trust) wrote.
     """
     path = Path(checkpoint)
     if not path.is_file():
         raise CytologiaInputError(f"{path}: detector checkpoint not found")
-    cls = get_backend(backend)
+    cls = get_backend(checkpoint_backend(path))
     return cls(cls.checkpoint_model(path), checkpoint=path)
+
+
+def backend_of_model(model: str) -> str:
+    """The backend that builds architecture ``model`` (``yolo11n``, ``yolox_nano`` ...), among the installed ones;
+    a miss names the architectures there are, and the backends that are not installed."""
+    found = [b for b in sorted(BACKENDS) if backend_available(b) and model in get_backend(b).models()]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise CytologiaInputError(f"detector model {model!r} is built by several backends: {', '.join(found)}")
+    missing = [b for b in sorted(BACKENDS) if not backend_available(b)]
+    known = [m for b in sorted(BACKENDS) if backend_available(b) for m in get_backend(b).models()]
+    hint = f" (not installed: {', '.join(missing)})" if missing else ""
+    raise CytologiaInputError(f"no detector backend builds {model!r}{_closest(model, known)}{hint}")
+
+
+def agreed_backend(named: str, recorded: Mapping[str, str | None]) -> type[Detector]:
+    """The backend of a set of detector files, as the files record it (``recorded``: file -> its backend, None for a
+    file that records none, e.g. a graph exported before graphs did). ``named`` (what a config or ensemble file
+    says) must be a registered backend; it is used only when no file records one, and a file that records another
+    wins, with a warning. Files recording different backends are an error naming them."""
+    if named not in BACKENDS:
+        raise _unknown_backend(named)
+    names = {b for b in recorded.values() if b is not None}
+    if len(names) > 1:
+        shown = ", ".join(f"{f}: {b}" for f, b in recorded.items())
+        raise CytologiaInputError(f"detector files of different backends cannot be combined ({shown})")
+    if not names:
+        return get_backend(named)
+    (name,) = names
+    if name != named:
+        files = ", ".join(str(f) for f, b in recorded.items() if b == name)
+        log.warning("detector backend %r named, but %s record(s) %r: using %r", named, files, name, name)
+    return get_backend(name)

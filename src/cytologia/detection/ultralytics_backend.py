@@ -21,10 +21,13 @@ Checkpoint selection: the validator computes, each epoch, the challenge's box te
 rescaled GIoU under the known-count rule (:func:`cytologia.detection.oof.known_count_giou`) -- and returns it as the
 ``fitness`` ultralytics uses to pick ``best.pt`` (and for early stopping), instead of its mAP blend.
 
-Prediction does not go through ultralytics' predictor: images are letterboxed to a square ``img_size`` (ultralytics'
-LetterBox rounding, grey 114 padding), run in batches, and reduced by ultralytics' NMS (class-agnostic). The same
-:func:`detect_images` runs the exported ONNX graph (:mod:`cytologia.detection.export`), so torch and ONNX Runtime
-differ only in the network.
+Prediction does not go through ultralytics' predictor: the shared loop of :class:`cytologia.detection.base.Detector`
+(letterbox to a square ``img_size`` with ultralytics' LetterBox rounding and grey 114 padding, batches, boxes mapped
+back) with ultralytics' NMS (class-agnostic, :func:`nms`) as this backend's decoding; the same loop runs the exported
+ONNX graph (:mod:`cytologia.detection.export`), so torch and ONNX Runtime differ only in the network.
+
+The selected checkpoint ``detector.pt`` is ultralytics' ``best.pt`` with one more top-level entry, the backend's name
+(:data:`~cytologia.detection.base.BACKEND_KEY`); one without it is recognised by the ultralytics classes it names.
 """
 
 from __future__ import annotations
@@ -59,17 +62,11 @@ from cytologia.console import route_ultralytics_logs
 from cytologia.data.errors import CytologiaInputError
 from cytologia.data.images import attributed, image_sizes, resolve_image
 from cytologia.data.schema import BOX_COLUMNS
-from cytologia.detection.letterbox import Frame, detect_in_batches, to_image_pixels
+from cytologia.detection.base import BACKEND_KEY, PREDICT_COLUMNS, CheckpointHeader, Detector
+from cytologia.detection.letterbox import Frame, detect_in_batches, map_back
 from cytologia.detection.oof import known_count_giou
-from cytologia.detection.registry import (
-    CLASS_NAME,
-    PREDICT_COLUMNS,
-    DetectionData,
-    Detector,
-    TrainResult,
-    TrainSettings,
-)
-from cytologia.device import resolve_device, ultralytics_device
+from cytologia.detection.registry import CLASS_NAME, DetectionData, TrainResult, TrainSettings
+from cytologia.device import ultralytics_device
 from cytologia.offline import install_yolo_fonts, tame_ultralytics
 
 log = logging.getLogger(__name__)
@@ -393,12 +390,12 @@ def _history(results_csv: Path) -> list[dict[str, float]]:
 
 
 # ------------------------------------------------------------------------------------------------------ inference
-def boxes_from_output(
-    raw: torch.Tensor | np.ndarray, frames: list[Frame], size: int, *, conf: float, iou: float, max_det: int,
-    flipped: bool = False, with_class: bool = False,
-) -> list[np.ndarray]:  # fmt: skip
+def nms(
+    raw: torch.Tensor | np.ndarray, *, conf: float, iou: float, max_det: int, with_class: bool = False
+) -> list[np.ndarray]:
     """Raw head output (B, 4 + nc, anchors: centre-size boxes in input pixels, class scores) -> per image an (n, 5)
-    array of ``x1, y1, x2, y2, score`` in the image's own pixels (class-agnostic NMS, clipped to the image).
+    float64 array ``x1, y1, x2, y2, score`` in input pixels: ultralytics' NMS, class-agnostic, the ``MAX_NMS`` best
+    candidates, at most ``max_det`` kept.
 
     ``with_class`` (a multi-class head): (n, 6) arrays, the 6th column the box's class index; a box is one candidate
     with its best class (score = that class's score), not one candidate per class."""
@@ -408,13 +405,10 @@ def boxes_from_output(
     dets = non_max_suppression(
         raw, conf, iou, agnostic=True, max_det=max_det, max_nms=MAX_NMS, max_time_img=float("inf")
     )
-    out = []
-    for det, f in zip(dets, frames):
-        out.append(to_image_pixels(det[:, : 6 if with_class else 5].cpu().numpy().astype(np.float64), f, size, flipped))
-    return out
+    return [det[:, : 6 if with_class else 5].cpu().numpy().astype(np.float64) for det in dets]
 
 
-def detect_images(
+def detect_with_classes(
     forward: Callable[[np.ndarray], torch.Tensor | np.ndarray],
     images: Sequence[str | Path],
     names: Sequence[str] | None = None,
@@ -423,26 +417,21 @@ def detect_images(
     conf: float,
     iou: float,
     max_det: int,
-    tta_flip: bool,
     batch_size: int,
     workers: int | None = None,
-    with_class: bool = False,
 ) -> pd.DataFrame:
-    """Run ``forward`` (network input -> raw head output) over ``images`` in batches; a :data:`PREDICT_COLUMNS`
-    table. Decoding runs in ``workers`` threads; an unreadable image is an error naming it. ``with_class`` (a
-    multi-class head, see :func:`boxes_from_output`): one more column, ``cls`` (int64 class index), before ``tta``."""
-    columns = [*PREDICT_COLUMNS[:-1], "cls", PREDICT_COLUMNS[-1]] if with_class else list(PREDICT_COLUMNS)
+    """A multi-class head (the single-stage baseline) through the shared prediction loop: the
+    :data:`~cytologia.detection.base.PREDICT_COLUMNS` table with one more column, ``cls`` (int64 class index of
+    each box's best class, :func:`nms` ``with_class``), before ``tta``; no flip pass."""
+    columns = [*PREDICT_COLUMNS[:-1], "cls", PREDICT_COLUMNS[-1]]
     types: dict[str, Any] = {c: np.float64 for c in (*BOX_COLUMNS, "score")}
-    if with_class:
-        types["cls"] = np.int64
+    types["cls"] = np.int64
 
     def decode_output(raw: Any, frames: list[Frame], flipped: bool) -> list[np.ndarray]:
-        return boxes_from_output(
-            raw, frames, img_size, conf=conf, iou=iou, max_det=max_det, flipped=flipped, with_class=with_class
-        )
+        return map_back(nms(raw, conf=conf, iou=iou, max_det=max_det, with_class=True), frames, img_size, flipped)
 
     return detect_in_batches(
-        forward, decode_output, images, names, img_size=img_size, tta_flip=tta_flip, batch_size=batch_size,
+        forward, decode_output, images, names, img_size=img_size, tta_flip=False, batch_size=batch_size,
         workers=workers, columns=columns, types=types,
     )  # fmt: skip
 
@@ -451,16 +440,29 @@ def detect_images(
 class UltralyticsDetector(Detector):
     """YOLO v8/11/12 through ultralytics, one class. See the module docstring for what runs offline and how."""
 
-    backend = "ultralytics"
-
-    def __init__(self, model: str, weights: str | Path | None = None, checkpoint: str | Path | None = None) -> None:
-        super().__init__(model, weights, checkpoint)
-        self._net: torch.nn.Module | None = None
-        self._net_device: torch.device | None = None
-
     @classmethod
     def models(cls) -> list[str]:
         return model_names()
+
+    @classmethod
+    def recognizes(cls, header: CheckpointHeader) -> bool:
+        """A checkpoint ultralytics wrote (``best.pt``, ``YOLO.save``): it names ultralytics' model classes."""
+        return header.refers_to("ultralytics")
+
+    @classmethod
+    def save_random(cls, model: str, path: str | Path, *, img_size: int, seed: int = 0) -> Path:
+        """A one-class ``model`` with random weights (torch seeded with ``seed``) in ultralytics' checkpoint layout
+        (``{"model": DetectionModel, "train_args": {}}``) plus the backend's name; ``img_size`` is not stored."""
+        from ultralytics.nn.tasks import DetectionModel
+
+        if model not in model_names():
+            raise CytologiaInputError(f"unknown ultralytics detector model {model!r}")
+        torch.manual_seed(seed)
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        net = DetectionModel(f"{model}.yaml", nc=1, verbose=False)
+        torch.save({"model": net, "train_args": {}, BACKEND_KEY: cls.backend}, path)
+        return path
 
     @classmethod
     def checkpoint_model(cls, checkpoint: str | Path) -> str:
@@ -539,7 +541,9 @@ class UltralyticsDetector(Detector):
         # best.pt is rewritten whenever the fitness equals the best so far: the last epoch reaching the maximum
         best_idx = max(finite, key=lambda i: (scores[i], i)) if finite else len(history) - 1
         target = out_dir / "detector.pt"
-        shutil.copyfile(best, target)
+        ckpt = torch.load(best, map_location="cpu", weights_only=False)  # ultralytics' own file, just written
+        ckpt[BACKEND_KEY] = self.backend
+        torch.save(ckpt, target)
         self.checkpoint, self._net = target, None
         final = {k: float(v) for k, v in (trainer.metrics or {}).items() if isinstance(v, (int, float))}
         return TrainResult(
@@ -558,59 +562,26 @@ class UltralyticsDetector(Detector):
         )
 
     # -- inference
-    def network(self, device: str = "auto") -> torch.nn.Module:
-        """The trained network (fused conv+bn, eval, fp32) on ``device``; loaded once."""
-        if self.checkpoint is None:
-            raise CytologiaInputError(f"{self.model}: no trained checkpoint to predict with (train first)")
-        dev = resolve_device(device, key="detector.device")
-        if self._net is None or self._net_device != dev:
-            from ultralytics.nn.tasks import load_checkpoint
+    def load_network(self, device: torch.device) -> torch.nn.Module:
+        """The trained network, conv+bn fused, eval, fp32, on ``device`` (ultralytics' ``load_checkpoint``)."""
+        from ultralytics.nn.tasks import load_checkpoint
 
-            self._net, _ = load_checkpoint(str(self.checkpoint), device=dev, fuse=True)
-            self._net_device = dev
-        return self._net
+        net, _ = load_checkpoint(str(self.checkpoint), device=device, fuse=True)
+        return net
 
-    def forward_fn(self, device: str = "auto") -> Callable[[np.ndarray], torch.Tensor]:
-        """Network input (float32 numpy) -> raw head output (B, 5, anchors), under ``torch.inference_mode``."""
-        net = self.network(device)
-        dev = self._net_device
-
-        def forward(x: np.ndarray) -> torch.Tensor:
-            with torch.inference_mode():
-                out = net(torch.from_numpy(x).to(dev))
-            return out[0] if isinstance(out, (list, tuple)) else out
-
-        return forward
-
-    def predict(
-        self,
-        images: Sequence[str | Path],
-        *,
-        img_size: int,
-        conf: float = 0.001,
-        iou: float = 0.6,
-        max_det: int = 50,
-        tta_flip: bool = False,
-        batch_size: int = 16,
-        device: str = "auto",
-        names: Sequence[str] | None = None,
-    ) -> pd.DataFrame:
-        return detect_images(
-            self.forward_fn(device), images, names, img_size=img_size, conf=conf, iou=iou, max_det=max_det,
-            tta_flip=tta_flip, batch_size=batch_size,
-        )  # fmt: skip
+    @classmethod
+    def decode(cls, raw: Any, *, conf: float, iou: float, max_det: int) -> list[np.ndarray]:
+        """ultralytics' NMS, class-agnostic (:func:`nms`)."""
+        return nms(raw, conf=conf, iou=iou, max_det=max_det)
 
     # -- export
-    def export_onnx(self, path: str | Path, *, img_size: int, opset: int | None = None) -> Path:
+    def write_onnx(self, path: Path, *, img_size: int, opset: int | None) -> Path:
         """ONNX through ultralytics' exporter: dynamic batch and size, ``simplify=False`` (no onnxslim), no NMS in the
         graph, fp32; input ``images`` (B, 3, S, S) RGB [0, 1], output ``output0`` (B, 5, anchors)."""
-        if self.checkpoint is None:
-            raise CytologiaInputError(f"{self.model}: no trained checkpoint to export (train first)")
         import tempfile
 
         from ultralytics import YOLO
 
-        path = Path(path)
         with tempfile.TemporaryDirectory(prefix="cytologia-export-") as tmp:
             src = Path(tmp) / "detector.pt"  # ultralytics writes next to the weights: export from a scratch copy
             shutil.copyfile(self.checkpoint, src)

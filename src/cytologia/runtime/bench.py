@@ -66,33 +66,16 @@ def save_random_classifier(
 
 
 def save_random_detector(arch: str, checkpoint: Path, onnx: Path | None, img_size: int, seed: int = 0) -> str:
-    """A randomly initialised single-class detector as a checkpoint :func:`cytologia.detection.load_detector` reads
-    -- ultralytics (``yolo11n`` ...) or YOLOX (``yolox_nano`` ...) -- and, with ``onnx``, exported through the
-    detection stage's exporter. Returns the backend name."""
-    import torch
-
+    """A randomly initialised single-class detector of architecture ``arch`` (``yolo11n``, ``yolox_nano`` ...: the
+    registry finds its backend) as a checkpoint :func:`cytologia.detection.load_detector` reads and, with ``onnx``,
+    exported through the detection stage's exporter. Returns the backend name."""
     from cytologia.detection.export import export_detector
+    from cytologia.detection.registry import backend_of_model, get_backend
 
-    torch.manual_seed(seed)
-    checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    if arch.startswith("yolox"):
-        from cytologia.detection.yolox.checkpoint import save_checkpoint
-        from cytologia.detection.yolox.model import build_yolox
-
-        backend = "yolox"
-        save_checkpoint(checkpoint, build_yolox(arch), arch, img_size=img_size, epoch=0, metrics={}, train_args={})
-    else:
-        from cytologia.detection.registry import require_optional
-
-        require_optional("ultralytics")
-        from ultralytics.nn.tasks import DetectionModel
-
-        import cytologia.detection.ultralytics_backend  # noqa: F401  (its offline set-up before ultralytics is used)
-
-        backend = "ultralytics"
-        torch.save({"model": DetectionModel(f"{arch}.yaml", nc=1, verbose=False), "train_args": {}}, checkpoint)
+    backend = backend_of_model(arch)
+    get_backend(backend).save_random(arch, checkpoint, img_size=img_size, seed=seed)
     if onnx is not None:
-        export_detector(checkpoint, onnx, img_size, backend=backend)
+        export_detector(checkpoint, onnx, img_size)
     return backend
 
 

@@ -6,9 +6,10 @@ torch differ only in the networks. Images are decoded in a thread pool (OpenCV r
 while the current one runs when ``prefetch`` is on; crops are cut in memory and batched; nothing is written between
 stages.
 
-- **detect**: each image is letterboxed to the detector's input with its backend's own ``letterbox``, ``to_input``
-  and ``boxes_from_output`` (:func:`detector_ops`; ultralytics or YOLOX), so boxes match the out-of-fold ones; every
-  fold model, and its mirrored pass with flip TTA, is run; several passes are fused by weighted box fusion
+- **detect**: each image is letterboxed to the detector's input (:mod:`cytologia.detection.letterbox`) and the raw
+  output decoded by its backend's :meth:`~cytologia.detection.base.Detector.boxes_from_output` -- the backend the
+  checkpoints or graphs record, else the ensemble file's -- so boxes match the out-of-fold ones; every fold model,
+  and its mirrored pass with flip TTA, is run; several passes are fused by weighted box fusion
   (:func:`cytologia.detection.fusion.weighted_box_fusion`); boxes without area are dropped. Then the **known-count**
   rule (the top-N per image, padded: :func:`known_count_boxes`) and/or the **open-world** rule (score threshold,
   NMS: :func:`open_world_boxes`) -- the rules of :func:`cytologia.detection.fusion.known_count` and
@@ -92,27 +93,12 @@ def _torch_network(module: Any, device: Any, numpy_out: bool) -> Network:
     return run
 
 
-def _export_detector_bytes(checkpoint: Path, img_size: int, backend: str) -> bytes:
+def _export_detector_bytes(checkpoint: Path, img_size: int) -> bytes:
     from cytologia.detection.export import export_detector
 
     with tempfile.TemporaryDirectory(prefix="cytologia-det-") as tmp:
-        _, path = export_detector(checkpoint, Path(tmp) / "detector.onnx", img_size, backend=backend)
+        _, path = export_detector(checkpoint, Path(tmp) / "detector.onnx", img_size)
         return path.read_bytes()
-
-
-def detector_ops(backend: str) -> tuple[Callable, Callable, Callable]:
-    """``(letterbox, to_input, boxes_from_output)`` of a detector backend: the pre- and post-processing its own
-    ``predict`` uses (the letterbox and input are shared, :mod:`cytologia.detection.letterbox`; both backends emit the
-    same raw layout, (B, 5, anchors) centre-size boxes and a score, but each decodes it with its own NMS)."""
-    from cytologia.detection.letterbox import letterbox, to_input
-
-    if backend == "ultralytics":
-        from cytologia.detection.ultralytics_backend import boxes_from_output
-    elif backend == "yolox":
-        from cytologia.detection.yolox.infer import boxes_from_output
-    else:
-        raise CytologiaInputError(f"detector backend {backend!r}: the pipeline knows ultralytics and yolox")
-    return letterbox, to_input, boxes_from_output
 
 
 def _export_classifier_bytes(checkpoint: Path, img_size: int) -> bytes:
@@ -251,8 +237,7 @@ class Pipeline:
         det = ensemble.detector
         self.det = det
         self.det_flip = det.tta_flip if tta_flip is None else tta_flip
-        self.ops = detector_ops(det.backend)
-        self.detectors, self.detector_info = self._load_detectors()
+        self.detectors, self.detector_info, self.detector_cls = self._load_detectors()
         cells = [m for m in ensemble.cell_members]
         weights = ensemble.weights()
         self.members = [
@@ -280,10 +265,17 @@ class Pipeline:
 
         return OrtModel(source, device=self.device, threads=self.threads, trt_cache=self.trt_cache, name=name)
 
-    def _load_detectors(self) -> tuple[list[Network], list[dict[str, object]]]:
+    def _load_detectors(self) -> tuple[list[Network], list[dict[str, object]], Any]:
+        """The detector's networks (fold models), their descriptions, and the backend class that decodes their
+        output: the backend the files record (:func:`cytologia.detection.registry.agreed_backend`)."""
+        from cytologia.detection.export import graph_backend
+        from cytologia.detection.registry import agreed_backend, load_detector
+
         det = self.det
+        agreed_backend(det.backend, {})  # an unknown backend name fails before any model is loaded
         nets: list[Network] = []
         info: list[dict[str, object]] = []
+        recorded: dict[str, str | None] = {}
         if self.runtime == "onnx":
             sources: list[tuple[Any, str]] = [(self.ensemble.resolve(p), p) for p in det.onnx]
             if not sources:
@@ -291,27 +283,25 @@ class Pipeline:
                     raise CytologiaInputError("detector: the ensemble file lists neither onnx files nor checkpoints")
                 for ckpt in det.checkpoints:
                     log.info("detector %s: no ONNX file; exporting it in memory at %d px", ckpt, det.img_size)
-                    data = _export_detector_bytes(self.ensemble.resolve(ckpt), det.img_size, det.backend)
+                    data = _export_detector_bytes(self.ensemble.resolve(ckpt), det.img_size)
                     sources.append((data, ckpt))
             for source, label in sources:
                 model = self._ort(source, f"detector {label}")
                 nets.append(model)
                 info.append(model.describe())
+                recorded[label] = graph_backend(model.session)
         else:
             if not det.checkpoints:
                 raise CytologiaInputError("detector: the torch runtime needs checkpoints; the ensemble file has none")
-            from cytologia.detection.registry import load_detector
-
             device = _torch_device(self.device)
             for ckpt in det.checkpoints:
-                detector = load_detector(self.ensemble.resolve(ckpt), backend=det.backend)
+                detector = load_detector(self.ensemble.resolve(ckpt))
+                recorded[ckpt] = detector.backend
                 where = str(device.index or 0) if device.type == "cuda" else "cpu"
-                if hasattr(detector, "network"):  # the module itself: run under fp16 autocast on CUDA
-                    nets.append(_torch_network(detector.network(where), device, numpy_out=False))
-                else:  # any other backend: its own forward function (the Detector interface)
-                    nets.append(detector.forward_fn(where))
+                # the module itself: run under fp16 autocast on CUDA
+                nets.append(_torch_network(detector.network(where), device, numpy_out=False))
                 info.append({"name": f"detector {ckpt}", "device": str(device), "precision": _torch_precision(device)})
-        return nets, info
+        return nets, info, agreed_backend(det.backend, recorded)
 
     def _load_member(self, spec: MemberSpec, weight: float) -> _Member:
         nets: list[Network] = []
@@ -408,9 +398,10 @@ class Pipeline:
         """Per image an (k, 5) array ``x1, y1, x2, y2, score`` in its own pixels: NMS of each pass, fused by WBF when
         there are several passes (fold models x flip); boxes without area dropped."""
         from cytologia.detection.fusion import weighted_box_fusion
+        from cytologia.detection.letterbox import letterbox, to_input
 
         det = self.det
-        letterbox, to_input, boxes_from_output = self.ops
+        boxes_from_output = self.detector_cls.boxes_from_output
         boxed = [letterbox(im, det.img_size) for im in images]
         squares, frames = [b[0] for b in boxed], [b[1] for b in boxed]
         passes: list[tuple[str, list[np.ndarray]]] = []

@@ -30,7 +30,7 @@ def test_registry_lists_every_size() -> None:
 
 
 def test_predict_maps_boxes_to_each_image(confident_checkpoint: Path, tiny_set) -> None:
-    detector = load_detector(confident_checkpoint, backend="yolox")
+    detector = load_detector(confident_checkpoint)
     boxes = detector.predict(tiny_set.paths[:3], img_size=96, conf=0.05, max_det=20, tta_flip=True, device="cpu",
                              names=["a.jpg", "b.jpg", "c.jpg"])  # fmt: skip
     assert tuple(boxes.columns) == PREDICT_COLUMNS
@@ -62,7 +62,7 @@ BLOCKED_RUN = textwrap.dedent(
     from hydra import compose, initialize_config_dir
     from cytologia.train import train
     from cytologia.detection import load_detector
-    from cytologia.detection.yolox.export import OnnxYolox
+    from cytologia.detection.export import OnnxDetector
 
     base = Path(sys.argv[1])
     with initialize_config_dir(config_dir=sys.argv[2], version_base="1.3"):
@@ -74,10 +74,10 @@ BLOCKED_RUN = textwrap.dedent(
         ])
     result = train(cfg, run_dir=base / "run")
     ckpt = base / "run" / "fold_0" / "detector.pt"
-    detector = load_detector(ckpt, backend="yolox")
+    detector = load_detector(ckpt)
     onnx_path = detector.export_onnx(base / "yolox.onnx", img_size=64)
     images = sorted((base / "data" / "synthetic" / "images").glob("*.jpg"))[:2]
-    n_onnx = len(OnnxYolox(onnx_path).predict(images, img_size=64, conf=0.0))
+    n_onnx = len(OnnxDetector(onnx_path).predict(images, img_size=64, conf=0.0))
     blocked = [m for m in sys.modules if m == "ultralytics" or m.startswith("ultralytics.")]
     from cytologia.data.errors import CytologiaInputError
     from cytologia.detection import get_backend, list_detectors

@@ -94,7 +94,7 @@ def test_trained_checkpoint_round_trip(tmp_path: Path) -> None:
     assert info["epoch"] == 4 and info["img_size"] == 96 and info["metrics"]["metrics/known_count_giou"] == 0.8
     for key, value in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value)
-    detector = load_detector(path, backend="yolox")
+    detector = load_detector(path)
     assert detector.model == "yolox_nano" and detector.backend == "yolox"
 
 

@@ -3,8 +3,11 @@
 A **trained checkpoint** (``detector.pt``) is a dict of plain values and tensors, read with
 ``torch.load(weights_only=True)`` (no arbitrary unpickling)::
 
-    {"format": "cytologia-yolox", "version": 1, "model": "yolox_s", "num_classes": 1, "img_size": 512,
-     "epoch": 12, "metrics": {...}, "train_args": {...}, "state_dict": {...}}
+    {"format": "cytologia-yolox", "version": 1, "detector_backend": "yolox", "model": "yolox_s", "num_classes": 1,
+     "img_size": 512, "epoch": 12, "metrics": {...}, "train_args": {...}, "state_dict": {...}}
+
+(``detector_backend``: the registry name, :data:`cytologia.detection.base.BACKEND_KEY`; absent in files written
+before checkpoints recorded it, which are recognised by ``format``.)
 
 Its ``state_dict`` uses the key names of the official release, so ``{"model": state_dict}`` is also a checkpoint the
 official code loads.
@@ -34,6 +37,7 @@ from typing import Any
 import torch
 
 from cytologia.data.errors import CytologiaInputError
+from cytologia.detection.base import BACKEND_KEY
 from cytologia.detection.yolox.model import SIZES, YOLOX, build_yolox
 from cytologia.weights import LoadReport, load_state_dict_checked
 
@@ -41,6 +45,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "cytologia-yolox"
 VERSION = 1
+BACKEND = "yolox"  # this backend's registry name, recorded in its checkpoints
 CLASS_HEAD = ("head.cls_preds.",)  # skipped by shape when loading initial weights
 
 
@@ -75,7 +80,7 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     payload = {
-        "format": FORMAT, "version": VERSION, "model": name, "num_classes": model.num_classes,
+        "format": FORMAT, "version": VERSION, BACKEND_KEY: BACKEND, "model": name, "num_classes": model.num_classes,
         "img_size": int(img_size), "epoch": int(epoch), "metrics": {k: float(v) for k, v in metrics.items()},
         "train_args": dict(train_args), "state_dict": state,
     }  # fmt: skip

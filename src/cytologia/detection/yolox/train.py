@@ -56,7 +56,6 @@ from cytologia.detection.registry import DetectionData, TrainResult, TrainSettin
 from cytologia.detection.yolox.assign import ASSIGN_MODES
 from cytologia.detection.yolox.augment import AugmentConfig, DetectionDataset, Sample, collate
 from cytologia.detection.yolox.checkpoint import save_checkpoint
-from cytologia.detection.yolox.infer import detect_images
 from cytologia.detection.yolox.losses import BOX_LOSSES, yolox_loss
 from cytologia.detection.yolox.model import YOLOX, YoloxInference
 from cytologia.device import resolve_device
@@ -355,6 +354,8 @@ def evaluate(
     model: YOLOX, split: Split, device: torch.device, *, img_size: int, iou: float, batch_size: int
 ) -> tuple[float, float]:
     """Known-count box term of ``model`` on the held-out images (as the stage predicts them), and seconds taken."""
+    from cytologia.detection.yolox.backend import YoloxDetector  # (it imports this module)
+
     start = time.perf_counter()
     net = YoloxInference.from_model(model).to(device)
 
@@ -362,7 +363,7 @@ def evaluate(
         with torch.inference_mode():
             return net(torch.from_numpy(x).to(device)).float().cpu()
 
-    boxes = detect_images(
+    boxes = YoloxDetector.detect_images(
         forward, split.val_paths, split.val_names, img_size=img_size, conf=VAL_CONF, iou=iou, max_det=VAL_MAX_DET,
         tta_flip=False, batch_size=batch_size,
     )  # fmt: skip
