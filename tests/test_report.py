@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from cytologia.baseline import prior_submission
 from cytologia.cli import main
-from cytologia.commands.baseline import prior_submission
 from cytologia.data.errors import CytologiaInputError
 from cytologia.data.synthetic.generate import SynthConfig, generate
 from cytologia.metrics import read_truth, score

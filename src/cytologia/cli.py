@@ -15,8 +15,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("cytologia.commands.validate", "validate train/test/submission tables (and images)"),
     "score": ("cytologia.commands.score", "challenge score of a submission against the truth"),
-    "synth": ("cytologia.data.synthetic.cli", "generate a synthetic Cytologia data set"),
-    "folds": ("cytologia.data.folds_cli", "source-aware, multilabel-stratified folds"),
+    "synth": ("cytologia.commands.synth", "generate a synthetic Cytologia data set"),
+    "folds": ("cytologia.commands.folds", "source-aware, multilabel-stratified folds"),
     "baseline": ("cytologia.commands.baseline", "null-model submission: prior box and most frequent class"),
     "weights": ("cytologia.commands.weights", "register and check local weight files (models/manifest.json)"),
     "export": ("cytologia.commands.export", "export a trained model to ONNX, verified against torch"),

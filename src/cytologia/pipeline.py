@@ -5,7 +5,7 @@ resumes where it stopped -- rerun with ``hydra.run.dir=<run folder>``):
 
 1. ``data``       the data folder (generated when synthetic and absent), validated table, shared folds
 2. ``detector``   single-class detector per fold -> out-of-fold boxes  (cytologia.detection.stage)
-3. ``clean``      noisy-box cleaning from the OOF boxes -> ``clean/train_clean.csv`` + report (``cytologia clean``)
+3. ``clean``      noisy-box cleaning from the OOF boxes -> ``clean/train_clean.csv`` + report
 4. ``background`` cell-free images painted from training images, with the fold of their source image
 5. ``cls_<name>`` each classifier of ``pipeline.classifiers`` on the cleaned boxes -> OOF logits
 6. ``ensemble``   weights tuned on the OOF logits, held-out check -> ``ensemble/ensemble.json`` (``cytologia tune``)
@@ -13,7 +13,12 @@ resumes where it stopped -- rerun with ``hydra.run.dir=<run folder>``):
 8. ``baselines``  the null model and the single-stage 23-class YOLO (the 3rd place's approach), same data
 9. ``report``     scores side by side, per-class F1, confusion matrix, F1 per source, error gallery, stage times
 
-Steps 3-8 talk through the same files and commands a user runs by hand, so this module is orchestration only.
+Steps 3-8 call the library functions behind the commands a user runs by hand, with the same files: ``clean``
+:func:`cytologia.detection.cleaning.clean_folder` (``cytologia clean``), ``ensemble``
+:func:`cytologia.ensemble.runs.tune_ensemble` (``cytologia tune``), ``predict`` :func:`cytologia.predict.predict_folder`
+(``cytologia predict``), the baselines :func:`cytologia.baseline.null_baseline` (``cytologia baseline``) and
+:func:`cytologia.single_stage.run_single_stage` (``cytologia single-stage``), and print what the commands print. This
+module is orchestration only.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -33,6 +39,9 @@ from cytologia.data.errors import CytologiaInputError
 from cytologia.data.prepare import FOLDS_FILE, FOLDS_REPORT, ensure_data, ensure_folds, read_train
 from cytologia.paths import project_root
 
+if TYPE_CHECKING:
+    from cytologia.single_stage import SingleStageSettings
+
 log = logging.getLogger(__name__)
 
 TIMES_FILE = "stage_times.json"  # wall seconds per step
@@ -40,13 +49,9 @@ CPU_TIMES_FILE = "stage_cpu_seconds.json"  # process CPU seconds per step (what 
 SUMMARY_FILE = "pipeline_summary.json"  # scores, times and settings of the run, for scripts (scripts/check_demo.py)
 
 
-def _cli(*argv: str) -> None:
-    """Run a `cytologia` command in-process; a non-zero exit is an error naming the command."""
-    from cytologia.cli import main
-
-    code = main([str(a) for a in argv])
-    if code != 0:
-        raise CytologiaInputError(f"`cytologia {' '.join(map(str, argv))}` failed with exit code {code}")
+def _print(lines: list[str]) -> None:
+    """A step's summary, as its command prints it."""
+    print("\n".join(lines))
 
 
 def _with(cfg: DictConfig, **overrides: object) -> DictConfig:
@@ -161,10 +166,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, object]:
     steps("detector", det_dir / "oof_boxes.csv", lambda: _detector(cfg, det_dir))
     clean_dir = run_dir / "clean"
     if p.clean:
-        settings = ["--config", cleaning_config_path(p.cleaning_config)] if p.cleaning_config else []
-        steps("clean", clean_dir / "train_clean.csv", lambda: _cli(
-            "clean", "--data", root, "--boxes", det_dir / "oof_boxes.csv", "--out", clean_dir, *settings,
-        ))  # fmt: skip
+        settings = cleaning_config_path(p.cleaning_config) if p.cleaning_config else None  # None: built-in defaults
+        oof_boxes = det_dir / "oof_boxes.csv"
+        steps("clean", clean_dir / "train_clean.csv", lambda: _clean(root, oof_boxes, clean_dir, settings))
         cls_root = _cleaned_or_original(root, clean_dir, run_dir / "data_clean", float(p.clean_min_kept))
     else:
         steps("clean", None, lambda: None)
@@ -186,30 +190,22 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, object]:
         steps(f"classifier {name}", out / "summary.json", lambda sub=sub, out=out: _classifier(sub, out))
 
     ens = run_dir / "ensemble" / "ensemble.json"
-    tune_args = [a for m in members for a in ("--oof", m)]
-    steps("ensemble", ens, lambda: _cli(
-        "tune", *tune_args, "--truth", cls_root / "train.csv", "--detector", det_dir, "--out", ens,
-    ))  # fmt: skip
+    steps("ensemble", ens, lambda: _tune(members, cls_root / "train.csv", det_dir, ens))
     sub_path = run_dir / "predict" / "submission.csv"
-    steps("predict", sub_path, lambda: _cli(
-        "predict", "--data", root, "--ensemble", ens, "--out", sub_path, "--runtime", p.runtime,
-        "--report", run_dir / "predict" / "predict_report.json",
-    ))  # fmt: skip
+    report_path = run_dir / "predict" / "predict_report.json"
+    steps("predict", sub_path, lambda: _predict(root, ens, sub_path, str(p.runtime), report_path))
 
     null_path = run_dir / "baselines" / "null_submission.csv"
-    steps("null baseline", null_path, lambda: _cli("baseline", "--data", root, "--out", null_path))
+    steps("null baseline", null_path, lambda: _null_baseline(root, null_path))
     ss = p.single_stage
     ss_dir = run_dir / "baselines" / "single_stage"
     if ss.enabled:
         clock = resolve_clock(str(ss.clock))
         budget_min = single_stage_budget(steps.cpu if clock == "cpu" else steps.times, float(ss.time_min),
                                          bool(ss.match_budget))  # fmt: skip
-        steps("single-stage baseline", ss_dir / "submission.csv", lambda: _cli(
-            "single-stage", "--data", root, "--out", ss_dir, "--model", ss.model, "--epochs", ss.epochs,
-            "--time-min", budget_min, "--clock", clock, "--img-size", ss.img_size, "--batch-size", ss.batch_size,
-            "--workers", 0,
-            "--folds-k", cfg.folds.k,
-            *[a for k, v in ss.train_args.items() for a in ("--train-arg", f"{k}={v}")],
+        record = OmegaConf.to_container(ss, resolve=True)
+        steps("single-stage baseline", ss_dir / "submission.csv", lambda: _single_stage(
+            root, ss_dir, single_stage_settings(record, budget_min, clock), int(cfg.folds.k),
         ))  # fmt: skip
 
     truth = root / "test_labels.csv"
@@ -284,6 +280,46 @@ def single_stage_budget(times: dict[str, float], time_min: float, match: bool) -
     log.info("single-stage budget %.2f min = the two-stage training time of this run (%s)", budget,
              " + ".join(f"{k} {v:.0f} s" for k, v in trained.items()))  # fmt: skip
     return budget
+
+
+def single_stage_settings(record: Mapping[str, Any], time_min: float, clock: str) -> SingleStageSettings:
+    """The settings of the single-stage baseline from the config group ``pipeline.single_stage`` (``record``, field
+    by name: :func:`cytologia.single_stage.settings_from_config`) with this run's budget ``time_min``, in minutes of
+    ``clock`` (the resolved clock: :func:`single_stage_budget`, :func:`resolve_clock`), and ``workers=0``: images
+    load in this process, so the CPU-time budget counts them."""
+    from cytologia.single_stage import settings_from_config
+
+    return settings_from_config(record, time_min=time_min, clock=clock, workers=0)
+
+
+def _clean(root: Path, boxes: Path, out: Path, settings: Path | None) -> None:
+    from cytologia.detection.cleaning import CleaningConfig, clean_folder
+
+    _print(clean_folder(root, boxes, out, CleaningConfig.from_yaml(settings) if settings is not None else None).lines)
+
+
+def _tune(members: list[Path], truth: Path, detector: Path, out: Path) -> None:
+    from cytologia.ensemble.runs import tune_ensemble
+
+    _print(tune_ensemble(members, truth, out, detector=detector).lines)
+
+
+def _predict(root: Path, ensemble: Path, out: Path, runtime: str, report: Path) -> None:
+    from cytologia.predict import predict_folder
+
+    _print(predict_folder(root, ensemble, out, runtime=runtime, report=report).lines)
+
+
+def _null_baseline(root: Path, out: Path) -> None:
+    from cytologia.baseline import null_baseline, summary_line
+
+    _print([summary_line(null_baseline(root, out), out)])
+
+
+def _single_stage(root: Path, out: Path, settings: SingleStageSettings, folds_k: int) -> None:
+    from cytologia.single_stage import run_single_stage, summary_lines
+
+    _print(summary_lines(run_single_stage(root, out, settings, folds_k=folds_k), out))
 
 
 def _detector(cfg: DictConfig, out: Path) -> None:

@@ -538,3 +538,20 @@ def _count_pads(boxes: pd.DataFrame, test: pd.DataFrame) -> int:
     need = test.groupby(test["NAME"].astype(str)).size()
     found = boxes.groupby("NAME").size().reindex(need.index, fill_value=0)
     return int((need - found).clip(lower=0).sum())
+
+
+def summary_lines(metrics: Mapping[str, Any], out_dir: str | Path) -> list[str]:
+    """What ``cytologia single-stage`` prints about a run: model, budget, epochs, times, the submission written to
+    ``out_dir`` and, when scored, the score (a line, then the same as JSON). ``metrics``: :func:`run_single_stage`'s
+    result."""
+    s, times = metrics["settings"], metrics["times_s"]
+    budget = f"{s['time_min']:g} {s['clock']} min" if s["time_min"] is not None else f"{s['epochs']} epochs"
+    lines = [
+        f"single-stage {s['model']} @ {s['img_size']} px, budget {budget}: {metrics['epochs_run']} epochs, "
+        f"best {metrics['best_epoch']}; train {times['train']:.0f} s, predict {metrics['predict_ms_per_image']:.1f} "
+        f"ms/image; wrote {Path(out_dir) / SUBMISSION_FILE}"
+    ]
+    if "score" in metrics:
+        lines.append(f"score {metrics['score']:.4f} (giou {metrics['giou']:.4f}, f1 {metrics['f1']:.4f})")
+        lines.append(json.dumps({k: metrics[k] for k in ("score", "giou", "f1")}))
+    return lines

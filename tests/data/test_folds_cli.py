@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 
 from cytologia.cli import main
-from cytologia.data import folds_bench
+from cytologia.commands import bench_folds
 from cytologia.data.folds_bench import render_source_set
-from cytologia.data.folds_cli import REPORT_NAME
+from cytologia.data.prepare import FOLDS_REPORT as REPORT_NAME
 
 SIX = ["S01", "S02", "S03", "S04", "S05", "S07"]
 
@@ -133,11 +133,11 @@ def test_duplicates_grouped_and_missing_hygiene_warns(
 
     monkeypatch.setattr(importlib, "import_module", no_hygiene)
     with caplog.at_level(logging.WARNING):
-        from cytologia.data import folds_cli
+        from cytologia.commands import folds as folds_command
 
         parser = argparse.ArgumentParser()
-        folds_cli.add_arguments(parser)
-        assert folds_cli.run(parser.parse_args(["--data", str(work), "--k", "4", "--out", str(out)])) == 0
+        folds_command.add_arguments(parser)
+        assert folds_command.run(parser.parse_args(["--data", str(work), "--k", "4", "--out", str(out)])) == 0
     assert "hygiene is not available" in caplog.text
     assert json.loads((tmp_path / REPORT_NAME).read_text())["n_duplicate_groups"] == 0
 
@@ -147,11 +147,11 @@ def test_bench_folds_prints_table_and_json(data_dir: Path, tmp_path: Path, capsy
     real.mkdir()
     shutil.copy(data_dir / "train.csv", real / "train.csv")  # stands in for the real table
     parser = argparse.ArgumentParser()
-    folds_bench.add_arguments(parser)
+    bench_folds.add_arguments(parser)
     args = parser.parse_args(
         ["--real", str(real), "--data", str(data_dir), "--k", "3", "--json", str(tmp_path / "b.json")]
     )
-    assert folds_bench.run(args) == 0
+    assert bench_folds.run(args) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     result = json.loads(lines[-1])
     assert result == json.loads((tmp_path / "b.json").read_text())
@@ -172,13 +172,13 @@ def test_bench_without_real_table_renders_a_set(
         render_source_set(out, n_images, seed, sources=SIX, size=96)
         return "render"
 
-    monkeypatch.setattr(folds_bench, "_generated_set", rendered)
+    monkeypatch.setattr(bench_folds, "_generated_set", rendered)
     if installed:
-        monkeypatch.setattr(folds_bench, "DEFAULT_REAL_DIR", None)
+        monkeypatch.setattr(bench_folds, "DEFAULT_REAL_DIR", None)
     parser = argparse.ArgumentParser()
-    folds_bench.add_arguments(parser)
+    bench_folds.add_arguments(parser)
     real = [] if installed else ["--real", str(tmp_path)]
-    assert folds_bench.run(parser.parse_args([*real, "--images", "24"])) == 0
+    assert bench_folds.run(parser.parse_args([*real, "--images", "24"])) == 0
     out = capsys.readouterr().out
     result = json.loads(out.strip().splitlines()[-1])
     assert result["real"] is None and "skipped" in out

@@ -1,24 +1,10 @@
-"""`cytologia baseline --data DIR --out PRED.csv`: the null model every result should beat.
-
-Every expected box of ``test.csv`` gets the same prior: a box centred in its image whose width and height are the
-median *relative* box size of ``train.csv`` (relative to the image, read from the JPEG header; absolute pixels when
-the training images are absent), and the most frequent training class. It needs no model, so it runs anywhere and
-anchors the score scale: a real pipeline must beat it by far.
-"""
+"""`cytologia baseline --data DIR --out PRED.csv`: the null model every result should beat (a prior box and the most
+frequent class for every expected box; :mod:`cytologia.baseline`)."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
-
-import numpy as np
-import pandas as pd
-
-from cytologia.data.errors import CytologiaInputError
-from cytologia.data.schema import SUBMISSION_COLUMNS
-
-log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,57 +12,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="submission CSV to write")
 
 
-def _sizes(image_dir: Path, names: list[str]) -> np.ndarray:
-    from cytologia.data.images import image_size
-
-    return np.array([image_size(image_dir / n) for n in names], dtype=np.float64).reshape(-1, 2)
-
-
-def prior_submission(train: pd.DataFrame, test: pd.DataFrame, image_dir: Path | None) -> pd.DataFrame:
-    """The baseline submission (columns :data:`SUBMISSION_COLUMNS`, one row per ``test`` row, in its order)."""
-    bw = (train["x2"] - train["x1"]).to_numpy(np.float64)
-    bh = (train["y2"] - train["y1"]).to_numpy(np.float64)
-    cls = train["class"].value_counts().idxmax()
-    test_names = test["NAME"].astype(str).tolist()
-    if image_dir is not None and image_dir.is_dir():
-        tr_names = train["NAME"].astype(str).tolist()
-        uniq = list(dict.fromkeys(tr_names))
-        size = pd.DataFrame(_sizes(image_dir, uniq), index=uniq).loc[tr_names].to_numpy()
-        rel_w, rel_h = np.median(bw / size[:, 0]), np.median(bh / size[:, 1])
-        uniq_t = list(dict.fromkeys(test_names))
-        t_size = pd.DataFrame(_sizes(image_dir, uniq_t), index=uniq_t).loc[test_names].to_numpy()
-        w, h = rel_w * t_size[:, 0], rel_h * t_size[:, 1]
-        cx, cy = t_size[:, 0] / 2, t_size[:, 1] / 2
-    else:
-        log.warning("no images: the prior box is absolute (median train box) at a 368 px image's centre")
-        w = np.full(len(test), np.median(bw))
-        h = np.full(len(test), np.median(bh))
-        cx = cy = np.full(len(test), 184.0)  # MISSION.md: images are mostly ~360x368 px
-    out = pd.DataFrame(
-        {
-            "trustii_id": test["trustii_id"].to_numpy(),
-            "NAME": test_names,
-            "x1": np.round(cx - w / 2).astype(int),
-            "y1": np.round(cy - h / 2).astype(int),
-            "x2": np.round(cx + w / 2).astype(int),
-            "y2": np.round(cy + h / 2).astype(int),
-            "class": cls,
-        }
-    )
-    return out[list(SUBMISSION_COLUMNS)]
-
-
 def run(args: argparse.Namespace) -> int:
-    for name in ("train.csv", "test.csv"):
-        if not (args.data / name).is_file():
-            raise CytologiaInputError(f"{args.data / name}: no such file")
-    from cytologia.data.io import read_annotations, read_test
+    from cytologia.baseline import null_baseline, summary_line
 
-    image_dir = args.data / "images"
-    train, _ = read_annotations(args.data / "train.csv", image_dir if image_dir.is_dir() else None, lenient=True)
-    test = read_test(args.data / "test.csv", image_dir if image_dir.is_dir() else None)
-    sub = prior_submission(train, test, image_dir if image_dir.is_dir() else None)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    sub.to_csv(args.out, index=False)
-    print(f"wrote {args.out}: {len(sub)} rows, class {sub['class'].iloc[0]!r} everywhere")
+    print(summary_line(null_baseline(args.data, args.out), args.out))
     return 0

@@ -15,8 +15,8 @@ from cytologia.data.errors import CytologiaInputError
 # name -> (module, one-line help)
 BENCHES: dict[str, tuple[str, str]] = {
     "score": ("cytologia.commands.bench_score", "vectorised challenge score vs the per-image loop, on the real table"),
-    "synth": ("cytologia.data.synthetic.bench", "synthetic data generation speed"),
-    "folds": ("cytologia.data.folds_bench", "fold assignment speed"),
+    "synth": ("cytologia.commands.bench_synth", "synthetic data generation speed"),
+    "folds": ("cytologia.commands.bench_folds", "fold assignment speed"),
     "pipeline": ("cytologia.runtime.bench", "inference per stage (decode ... blend), ONNX Runtime vs torch"),
 }
 

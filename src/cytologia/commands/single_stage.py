@@ -5,7 +5,6 @@ and validated, and scored against ``test_labels.csv`` when the folder has it (se
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -66,7 +65,7 @@ def _train_args(specs: list[str]) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cytologia.single_stage import SingleStageSettings, run_single_stage
+    from cytologia.single_stage import SingleStageSettings, run_single_stage, summary_lines
 
     settings = SingleStageSettings(
         model=args.model, img_size=args.img_size, epochs=args.epochs, time_min=args.time_min, clock=args.clock,
@@ -77,16 +76,5 @@ def run(args: argparse.Namespace) -> int:
         args.data, args.out, settings, fold=args.fold, folds_k=args.folds_k, cache_dir=args.cache,
         lenient=not args.strict,
     )  # fmt: skip
-    times = metrics["times_s"]
-    budget = (
-        f"{settings.time_min:g} {settings.clock} min" if settings.time_min is not None else f"{settings.epochs} epochs"
-    )
-    print(
-        f"single-stage {settings.model} @ {settings.img_size} px, budget {budget}: {metrics['epochs_run']} epochs, "
-        f"best {metrics['best_epoch']}; train {times['train']:.0f} s, predict {metrics['predict_ms_per_image']:.1f} "
-        f"ms/image; wrote {args.out / 'submission.csv'}"
-    )
-    if "score" in metrics:
-        print(f"score {metrics['score']:.4f} (giou {metrics['giou']:.4f}, f1 {metrics['f1']:.4f})")
-        print(json.dumps({k: metrics[k] for k in ("score", "giou", "f1")}))
+    print("\n".join(summary_lines(metrics, args.out)))
     return 0

@@ -13,6 +13,8 @@ fold -- a leave-source-out split that measures how a model transfers to an unsee
 
 from __future__ import annotations
 
+import importlib
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,13 +23,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cytologia.data.errors import CytologiaInputError
-from cytologia.data.schema import BOX_COLUMNS, CLASSES, FOLD_COLUMNS
+from cytologia.data.errors import CytologiaInputError, ValidationError
+from cytologia.data.schema import BOX_COLUMNS, CLASSES, FOLD_COLUMNS, TRAIN_COLUMNS
 from cytologia.data.sources import FEATURE_COLUMNS, UNKNOWN_SOURCE, image_features, infer_sources
 
 log = logging.getLogger(__name__)
 
 MODES: tuple[str, ...] = ("stratified", "group-source")
+_MAX_PROBLEMS = 20  # bad rows listed in an error message of read_split_table (the total is counted)
 MISSING = "missing"  # the bin of a unit whose statistic is unknown (unreadable image, no images at all)
 # Binned features, in label-column order; columns are named "<feature>=<level>". Each block is one-hot.
 BINNED_FEATURES: tuple[str, ...] = ("boxes", "box_size", "img_size", "L_mean", "a_mean", "b_mean", "source")
@@ -405,4 +408,102 @@ def make_folds(
         **_balance(fold, images, classes, box_img, box_cls, k),  # type: ignore[arg-type]
     )
     report.seconds = round(time.perf_counter() - start, 3)
+    return folds, report
+
+
+# ------------------------------------------------------------------------------------------------ a data folder
+def read_split_table(path: Path) -> pd.DataFrame:
+    """The annotation table (one row per box), checked for what the split needs: the columns, a non-empty NAME and
+    class, and numeric corners. A bad row raises a :class:`ValidationError` naming the file and the (1-based) row."""
+    if not path.is_file():
+        raise CytologiaInputError(f"{path}: no such file")
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise CytologiaInputError(f"{path}: not a readable CSV table ({err})") from err
+    missing = [c for c in TRAIN_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValidationError(
+            path, [(None, f"missing column(s) {', '.join(missing)}; expected {','.join(TRAIN_COLUMNS)}")]
+        )
+    problems: list[tuple[int | None, str]] = []
+    for col in ("NAME", "class"):
+        for row in np.flatnonzero(table[col].str.strip().to_numpy() == ""):
+            problems.append((int(row) + 1, f"empty {col}"))
+    for col in BOX_COLUMNS:
+        raw = table[col].to_numpy()
+        values = pd.to_numeric(table[col], errors="coerce")
+        for row in np.flatnonzero(~np.isfinite(values.to_numpy(float))):
+            problems.append((int(row) + 1, f"{col}={raw[row]!r} is not a number"))
+        table[col] = values
+    if problems:
+        problems.sort(key=lambda p: p[0] or 0)
+        raise ValidationError(path, problems[:_MAX_PROBLEMS], total=len(problems))
+    return table
+
+
+def _duplicate_groups(image_dir: Path, names: list[str], near_threshold: int) -> pd.Series | None:
+    """NAME -> duplicate group id from cytologia.data.hygiene, or None (with a warning) when it is not available."""
+    try:
+        hygiene = importlib.import_module("cytologia.data.hygiene")
+    except ModuleNotFoundError as err:
+        if err.name != "cytologia.data.hygiene":
+            raise
+        log.warning("cytologia.data.hygiene is not available: duplicate images are not grouped")
+        return None
+    dups = hygiene.find_duplicates(image_dir, names, near_threshold=near_threshold)
+    return dups.set_index("NAME")["dup_group"]
+
+
+def folds_for_folder(
+    data: str | Path,
+    out: str | Path,
+    *,
+    k: int = 4,
+    seed: int = 42,
+    mode: str = "stratified",
+    images: str | Path | None = None,
+    use_images: bool = True,
+    n_sources: int | None = None,
+    dedup: bool = True,
+    near_threshold: int = 4,
+    workers: int | None = None,
+    sources_out: str | Path | None = None,
+) -> tuple[pd.DataFrame, FoldReport]:
+    """Folds of every image of ``data/train.csv`` (:func:`make_folds`), written to ``out`` (``NAME,fold``) with the
+    report as ``folds_report.json`` beside it; returns both.
+
+    With the images (``images``, default ``data/images``, skipped with a warning when absent; ``use_images=False``
+    ignores them) the split also uses image statistics (``workers`` decoding threads), duplicate groups (``dedup``,
+    perceptual-hash distance ``near_threshold``) and the inferred acquisition sources (``n_sources``, default auto;
+    written as ``NAME,source`` to ``sources_out`` when given)."""
+    from cytologia.data.prepare import FOLDS_REPORT
+
+    data, out = Path(data), Path(out)
+    table = read_split_table(data / "train.csv")
+    _check_args(table, k, mode)  # before the (slow) image reading
+    names = list(pd.unique(table["NAME"].astype(str)))
+    image_dir: Path | None = (Path(images) if images is not None else data / "images") if use_images else None
+    if image_dir is not None and not image_dir.is_dir():
+        if images is not None:
+            raise CytologiaInputError(f"image folder {image_dir} does not exist")
+        log.warning("%s has no images/ folder: image statistics skipped", data)
+        image_dir = None
+
+    features = image_features(image_dir, names, workers=workers) if image_dir is not None else None
+    dup_groups = _duplicate_groups(image_dir, names, near_threshold) if image_dir is not None and dedup else None
+    sources = None
+    if features is not None:
+        sources = infer_sources(features, n_sources=n_sources)  # fixed clustering seed: see make_folds
+        if sources_out is not None:
+            sources_out = Path(sources_out)
+            sources_out.parent.mkdir(parents=True, exist_ok=True)
+            sources.reset_index().to_csv(sources_out, index=False)
+
+    folds, report = make_folds(
+        table, k=k, seed=seed, mode=mode, dup_groups=dup_groups, features=features, sources=sources
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    folds.to_csv(out, index=False)
+    (out.parent / FOLDS_REPORT).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
     return folds, report

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -558,3 +558,80 @@ def evaluate_cleaning(report: pd.DataFrame, noise: pd.DataFrame, cell_iou: float
     flagged_images = set(rep["NAME"])
     add("image", "images", len(bad_images), len(flagged_images), len(bad_images & flagged_images))
     return pd.DataFrame(out)
+
+
+# ------------------------------------------------------------------------------------------------ a data folder
+CLEAN_OUTPUTS: tuple[str, ...] = ("train_clean.csv", "cleaning_report.csv", "cleaning_summary.json",
+                                  "cleaning_eval.csv")  # fmt: skip
+
+
+@dataclass
+class CleanedFolder:
+    """What :func:`clean_folder` did: the :class:`CleaningResult`, the evaluation against ``noise.csv`` (a generated
+    set only, else None), the summary written as ``cleaning_summary.json``, the output folder, and the lines
+    ``cytologia clean`` prints (counts, the evaluation table, the files written)."""
+
+    result: CleaningResult
+    evaluation: pd.DataFrame | None
+    summary: dict[str, object]
+    out: Path
+    lines: list[str] = field(default_factory=list)
+
+
+def clean_folder(
+    data: str | Path,
+    boxes: str | Path,
+    out: str | Path,
+    settings: CleaningConfig | None = None,
+    images: str | Path | None = None,
+) -> CleanedFolder:
+    """Clean ``data/train.csv`` (validated leniently; boxes clipped to their image when the image folder is there)
+    with the out-of-fold boxes table ``boxes`` and ``settings`` (default: the built-in :class:`CleaningConfig`);
+    write to ``out`` the files of :data:`CLEAN_OUTPUTS`: ``train_clean.csv`` (train.csv format, a drop-in
+    replacement), ``cleaning_report.csv`` (one row per flag), ``cleaning_summary.json`` and, on a generated set
+    (``data/noise.csv`` present), ``cleaning_eval.csv`` (:func:`evaluate_cleaning`). ``images``: the image folder
+    (default ``data/images``, skipped with a warning when absent; a given folder must exist)."""
+    import json
+
+    from cytologia.data.io import read_annotations, write_csv
+    from cytologia.data.schema import TRAIN_COLUMNS
+    from cytologia.detection.oof import read_boxes
+
+    data, boxes, out = Path(data), Path(boxes), Path(out)
+    cfg = settings if settings is not None else CleaningConfig()
+    train_path = data / "train.csv"
+    if not train_path.is_file():
+        raise CytologiaInputError(f"{train_path}: no such file")
+    image_dir: Path | None = Path(images) if images is not None else data / "images"
+    if not image_dir.is_dir():
+        if images is not None:
+            raise CytologiaInputError(f"image folder {image_dir} does not exist")
+        log.warning("%s: no images/ folder: boxes are not clipped to their image", data)
+        image_dir = None
+    ann, validation = read_annotations(train_path, image_dir, lenient=True)
+    result = clean_annotations(ann, read_boxes(boxes, require_fold=False), cfg, source=str(boxes))
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(result.cleaned[list(TRAIN_COLUMNS)], out / "train_clean.csv")
+    write_csv(result.report, out / "cleaning_report.csv")
+    summary: dict[str, object] = {
+        "data": str(data),
+        "boxes": str(boxes),
+        "settings": cfg.as_dict(),
+        "counts": result.counts,
+        "validation": {"rows": validation.rows, "kept": validation.kept, "clipped": validation.clipped},
+    }
+    evaluation = None
+    noise_path = data / "noise.csv"
+    if noise_path.is_file():
+        noise = pd.read_csv(noise_path, dtype={"NAME": str}, keep_default_na=False)
+        evaluation = evaluate_cleaning(result.report, noise)
+        write_csv(evaluation, out / "cleaning_eval.csv")
+        summary["eval"] = evaluation.to_dict(orient="records")
+    (out / "cleaning_summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    lines = [result.summary()]
+    if evaluation is not None:
+        with pd.option_context("display.width", 160, "display.float_format", "{:.3f}".format):
+            lines.append(evaluation.to_string(index=False))
+    lines.append(f"wrote {out / 'train_clean.csv'} ({len(result.cleaned)} rows) and the report to {out}")
+    return CleanedFolder(result, evaluation, summary, out, lines)

@@ -1,16 +1,15 @@
-"""`cytologia bench synth`: generation speed, per core and with several worker processes.
+"""The measurements of `cytologia bench synth` (:mod:`cytologia.commands.bench_synth`): generation speed, per core
+and with several worker processes.
 
 Measures :func:`~cytologia.data.synthetic.generate.generate` end to end (render, JPEG encode, defects, file writes,
-tables) into a temporary folder: once in one process with OpenCV held to one thread, then with ``--workers``
+tables) into a temporary folder: once in one process with OpenCV held to one thread, then with ``workers``
 processes. Images/s *per core* divides by the CPU time the process used (``time.process_time``), so it holds on a
-machine shared with other jobs; the wall-clock rates are printed beside it, with the load average, to show how busy
-the machine was. The last line printed is a JSON object with the numbers.
+machine shared with other jobs; the wall-clock rates are reported beside it, with the load average, to show how busy
+the machine was.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import tempfile
@@ -26,18 +25,6 @@ from cytologia.data.synthetic.render import encode_jpeg, render_scene
 from cytologia.data.synthetic.sources import SOURCES
 
 TARGET_PER_CORE = 100.0  # images/s per core at 368 px (issue #3)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--images", type=int, default=300, help="images per measurement (default 300)")
-    parser.add_argument("--size", type=int, default=368, help="square image side in px (default 368)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument(
-        "--workers", type=int, default=0, help="processes for the parallel run (default 0 = one per CPU)"
-    )
-    parser.add_argument(
-        "--dir", type=Path, default=None, help="where the temporary sets are written (default: the system temp dir)"
-    )
 
 
 def render_only_per_s(n: int, size: int, seed: int = 0) -> float:
@@ -87,21 +74,3 @@ def bench_synth(
             par = generate(tmp, n_images, seed, cfg, workers=workers)
         out.update(workers=workers, parallel_images_per_s=round(par.images_per_s, 1))
     return out
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.images < 1:
-        print(f"error: --images must be >= 1, got {args.images}")
-        return 2
-    res = bench_synth(args.images, args.size, args.workers, args.seed, args.dir)
-    print(f"synth @ {res['size']} px, {res['images']} images:")
-    print(
-        f"  generate, 1 process     {res['per_core_images_per_s']:8.1f} images per CPU-second "
-        f"(target {TARGET_PER_CORE:.0f}: {'met' if res['meets_target'] else 'NOT met'}); "
-        f"wall {res['single_process_wall_images_per_s']:.1f} images/s at load {res['load_avg_1min']}"
-    )
-    print(f"  render+encode only      {res['render_encode_per_core_images_per_s']:8.1f} images per CPU-second")
-    if "workers" in res:
-        print(f"  generate, {res['workers']} workers    {res['parallel_images_per_s']:8.1f} images/s (wall)")
-    print(json.dumps(res))
-    return 0

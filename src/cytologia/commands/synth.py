@@ -1,4 +1,5 @@
-"""`cytologia synth`: write a synthetic Cytologia data set (Trustii layout) and/or a contact sheet of the renderer.
+"""`cytologia synth`: write a synthetic Cytologia data set (Trustii layout) and/or a contact sheet of the renderer
+(:func:`cytologia.data.synthetic.generate.generate`, :func:`cytologia.data.synthetic.preview.contact_sheet`).
 
 cytologia synth --out data/synth --images 2000 --seed 0 --workers 2
 cytologia synth --out data/tiny --images 40 --size 256 --no-defects

@@ -1,0 +1,132 @@
+"""Predict a data folder with a tuned ensemble (``cytologia predict``): detect, crop, classify, blend, submit.
+
+The folder holds ``test.csv`` (``trustii_id,NAME``) and ``images/``. Known-count mode (the default) keeps exactly as
+many boxes per image as ``test.csv`` lists and makes a submission that is validated before it is written: every
+``trustii_id`` exactly once with its image's NAME, a valid class, a box inside its image (a single empty image would
+cost the macro-F1 a factor 23/24). Open-world mode thresholds the detections instead; with a ``test.csv`` the
+known-count submission is made too. Without ``test.csv`` (open-world only) every image in ``images/`` (or the folder
+itself) is predicted. The network work is :class:`cytologia.runtime.pipeline.Pipeline`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+
+from cytologia.data.errors import CytologiaInputError
+
+if TYPE_CHECKING:
+    from cytologia.ensemble import Ensemble
+    from cytologia.runtime.pipeline import PipelineResult
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+MODES: tuple[str, ...] = ("known-count", "open-world")
+
+
+@dataclass
+class Prediction:
+    """What :func:`predict_folder` returns: the runtime's result (every box, image sizes, timings, what ran), the
+    known-count submission (None without ``test.csv``), the rule's boxes, and the lines ``cytologia predict``
+    prints."""
+
+    result: PipelineResult
+    mode: str
+    submission: pd.DataFrame | None
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def boxes(self) -> pd.DataFrame:
+        """The classified boxes of the mode's rule, one row per box (NAME, box, class, score, probabilities...)."""
+        return self.result.rows(self.mode)
+
+
+def folder_inputs(data: Path) -> tuple[Path, pd.DataFrame | None, list[str]]:
+    """(image folder, ``test.csv`` table or None, image names in order) of a data folder: ``data/images`` when it
+    exists (else ``data``), the names of ``test.csv`` when it is there, else every image file."""
+    from cytologia.data.io import read_test
+
+    images = data / "images" if (data / "images").is_dir() else data
+    if not images.is_dir():
+        raise CytologiaInputError(f"{data}: no such folder")
+    if (data / "test.csv").is_file():
+        test = read_test(data / "test.csv", images)
+        return images, test, list(pd.unique(test["NAME"]))
+    names = sorted(p.name for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not names:
+        raise CytologiaInputError(f"{data}: no test.csv and no image files")
+    return images, None, names
+
+
+def predict_folder(
+    data: str | Path,
+    ensemble: str | Path | Ensemble,
+    out: str | Path | None = None,
+    *,
+    mode: str = "known-count",
+    runtime: str = "onnx",
+    device: str = "auto",
+    tta_flip: bool | None = None,
+    batch_size: int = 8,
+    threads: int | None = None,
+    workers: int | None = None,
+    int8: str = "off",
+    boxes_out: str | Path | None = None,
+    report: str | Path | None = None,
+) -> Prediction:
+    """Predict every image of the folder ``data`` with ``ensemble`` (an :class:`~cytologia.ensemble.Ensemble` or
+    the file :func:`~cytologia.ensemble.read_ensemble` reads) in ``mode`` (``known-count``, which needs
+    ``data/test.csv``, or ``open-world``).
+
+    Writes, when given: ``out``, the validated known-count submission (with a ``test.csv``); ``boxes_out``, the
+    per-image output of the mode's rule as ``boxes_out.csv`` and ``boxes_out.json``; ``report``, what ran and how
+    long it took (JSON). ``runtime`` (``onnx`` | ``torch``), ``device``, ``tta_flip`` (None: as the ensemble file
+    says), ``batch_size`` (images per batch), ``threads`` (per session), ``workers`` (decoding threads) and ``int8``
+    (``off`` | ``on`` | ``measure``) are :class:`~cytologia.runtime.pipeline.Pipeline`'s."""
+    from cytologia.data.io import write_submission
+    from cytologia.ensemble import read_ensemble
+    from cytologia.runtime.pipeline import Pipeline, submission_table, write_per_image
+
+    if mode not in MODES:
+        raise CytologiaInputError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    data = Path(data)
+    images, test, names = folder_inputs(data)
+    if mode == "known-count" and test is None:
+        raise CytologiaInputError(f"{data / 'test.csv'}: known-count mode needs it (or use --mode open-world)")
+    ens = read_ensemble(ensemble) if isinstance(ensemble, (str, Path)) else ensemble
+    pipe = Pipeline(
+        ens, runtime=runtime, device=device, threads=threads, tta_flip=tta_flip, int8=int8, batch_size=batch_size,
+        workers=workers,
+    )  # fmt: skip
+    paths = [images / n for n in names]
+    lines: list[str] = []
+    if int8 == "measure":
+        for d in pipe.calibrate_int8(paths[: min(8, len(paths))]):
+            lines.append(f"int8 {d['model']}: {'kept' if d['accepted'] else 'not used'} -- {d['reason']}")
+    counts = test.groupby("NAME").size() if test is not None else None
+    result = pipe.predict(paths, names, counts=counts, mode=mode)
+    ms = 1000.0 * result.wall_seconds / max(len(names), 1)
+    lines.append(f"{len(names)} images in {result.wall_seconds:.1f} s ({ms:.1f} ms/image, {runtime}, {mode})")
+    table = None
+    if test is not None:
+        table = submission_table(result.rows("known-count"), test)
+        if out is not None:
+            write_submission(table, Path(out), test=test, image_sizes=result.sizes)
+            lines.append(f"wrote {out}: {len(table)} rows, every trustii_id of {data / 'test.csv'} once")
+    if boxes_out is not None:
+        rows = result.rows(mode)
+        csv_path, json_path = Path(boxes_out).with_suffix(".csv"), Path(boxes_out).with_suffix(".json")
+        write_per_image(rows, result.sizes, csv_path, json_path)
+        lines.append(f"wrote {csv_path} and {json_path}: {len(rows)} boxes over {len(result.sizes)} images")
+    if report is not None:
+        report = Path(report)
+        report.parent.mkdir(parents=True, exist_ok=True)
+        info = {**result.info, "n_images": len(names), "wall_seconds": result.wall_seconds, "mode": mode}
+        report.write_text(json.dumps(info, indent=1, default=str) + "\n")
+    return Prediction(result, mode, table, lines)
