@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from cytologia.data.errors import CytologiaInputError
     from cytologia.ensemble import read_ensemble
+    from cytologia.errors import CytologiaInputError
     from cytologia.runtime.bench import bench_runtime, build_random_ensemble, format_table, image_list
 
     names = [c.strip() for c in args.configs.split(",") if c.strip()]

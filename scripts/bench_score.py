@@ -12,7 +12,7 @@ import logging
 import sys
 
 from cytologia.commands import bench_score
-from cytologia.data.errors import CytologiaInputError
+from cytologia.errors import CytologiaInputError
 
 
 def main(argv: list[str] | None = None) -> int:

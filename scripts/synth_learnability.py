@@ -29,10 +29,10 @@ import torch
 from sklearn.metrics import confusion_matrix, f1_score
 from torch import nn
 
-from cytologia.data.errors import CytologiaInputError
 from cytologia.data.schema import CLASS_TO_INDEX, CLASSES, HARD_GROUPS
 from cytologia.data.synthetic.render import encode_jpeg, render_scene
 from cytologia.data.synthetic.sources import SOURCES
+from cytologia.errors import CytologiaInputError
 
 log = logging.getLogger("synth_learnability")
 CROP_MARGIN_PX = 16  # the 1st place's classifiers saw the box plus 16 px

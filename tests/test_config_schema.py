@@ -13,9 +13,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cytologia.config import TrainConfig, check_config, settings_from
-from cytologia.data.errors import CytologiaInputError
 from cytologia.detection.registry import TrainSettings
 from cytologia.detection.stage import NOT_TRAIN_SETTINGS, train_settings
+from cytologia.errors import CytologiaInputError
 from cytologia.single_stage import NOT_SETTINGS, SingleStageSettings, settings_from_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 import cytologia.train
 from cytologia.config import STAGES as STAGE_CHOICES
 from cytologia.config import check_config
-from cytologia.data.errors import CytologiaInputError
+from cytologia.errors import CytologiaInputError
 from cytologia.train import train
 
 ROOT = Path(__file__).resolve().parents[1]

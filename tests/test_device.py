@@ -8,9 +8,9 @@ import logging
 import pytest
 import torch
 
-from cytologia.data.errors import CytologiaInputError
 from cytologia.device import lightning_accelerator, resolve_device, ultralytics_device
-from cytologia.runtime.pipeline import _torch_device as pipeline_device
+from cytologia.errors import CytologiaInputError
+from cytologia.runtime.inference import _torch_device as pipeline_device
 
 
 @pytest.fixture(params=[False, True], ids=["no_cuda", "cuda"])

@@ -14,7 +14,6 @@ import pandas as pd
 import pytest
 
 from cytologia.classification.oof import make_oof_table
-from cytologia.data.errors import CytologiaInputError
 from cytologia.data.schema import CLASSES
 from cytologia.ensemble import (
     N_CLASSES,
@@ -28,6 +27,7 @@ from cytologia.ensemble import (
     write_ensemble,
 )
 from cytologia.ensemble.tune import apply_tuning, macro_f1_codes, predict_codes, prepare_tuning, tune
+from cytologia.errors import CytologiaInputError
 from cytologia.metrics import macro_f1
 
 
@@ -286,7 +286,7 @@ INFERENCE = (
     "cytologia.ensemble.schema",
     "cytologia.ensemble.blend",
     "cytologia.runtime.sessions",
-    "cytologia.runtime.pipeline",
+    "cytologia.runtime.inference",
     "cytologia.commands.predict",
     "cytologia.data.io",
 )

@@ -10,8 +10,8 @@ import pytest
 from sklearn.metrics import f1_score
 
 from cytologia import metrics
-from cytologia.data.errors import CytologiaInputError, ValidationError
 from cytologia.data.schema import CLASSES, SUBMISSION_COLUMNS
+from cytologia.errors import CytologiaInputError, ValidationError
 from cytologia.metrics_reference import score_loop
 
 COLS = list(SUBMISSION_COLUMNS)

@@ -11,7 +11,7 @@ import pytest
 
 import cytologia.paths
 from cytologia.commands import bench_score
-from cytologia.data.errors import CytologiaInputError
+from cytologia.errors import CytologiaInputError
 from cytologia.paths import REAL_DATA_ENV, project_root, real_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]

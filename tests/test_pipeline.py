@@ -115,7 +115,7 @@ def test_single_stage_budget_matches_the_two_stage_training_time() -> None:
 def test_single_stage_clock_resolves_to_cpu_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from cytologia.data.errors import CytologiaInputError
+    from cytologia.errors import CytologiaInputError
     from cytologia.pipeline import resolve_clock
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -127,7 +127,7 @@ def test_single_stage_clock_resolves_to_cpu_without_cuda(monkeypatch: pytest.Mon
 
 
 def test_cleaning_config_resolves_from_the_project_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from cytologia.data.errors import CytologiaInputError
+    from cytologia.errors import CytologiaInputError
     from cytologia.pipeline import cleaning_config_path
 
     monkeypatch.chdir(tmp_path)  # not the project root: the relative name resolves against the project

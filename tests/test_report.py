@@ -13,8 +13,8 @@ import pytest
 
 from cytologia.baseline import prior_submission
 from cytologia.cli import main
-from cytologia.data.errors import CytologiaInputError
 from cytologia.data.synthetic.generate import SynthConfig, generate
+from cytologia.errors import CytologiaInputError
 from cytologia.metrics import read_truth, score
 from cytologia.report import (
     GALLERY_MARGIN,

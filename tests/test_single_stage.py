@@ -16,13 +16,13 @@ import yaml
 pytest.importorskip("ultralytics", reason="needs the ultralytics extra: pip install 'cytologia[ultralytics]'")
 
 from cytologia.cli import main  # noqa: E402
-from cytologia.data.errors import CytologiaInputError  # noqa: E402
 from cytologia.data.io import read_submission, read_test, validate_submission  # noqa: E402
 from cytologia.data.schema import CLASSES  # noqa: E402
 from cytologia.data.synthetic.generate import SynthConfig, generate  # noqa: E402
 from cytologia.detection.letterbox import letterbox, map_back  # noqa: E402
 from cytologia.detection.registry import DetectionData  # noqa: E402
 from cytologia.detection.ultralytics_backend import UltralyticsDetector, nms, write_yolo_dataset  # noqa: E402
+from cytologia.errors import CytologiaInputError  # noqa: E402
 from cytologia.single_stage import SingleStageSettings, known_count_submission, prior_class  # noqa: E402
 
 

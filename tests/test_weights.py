@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cytologia.cli import main
-from cytologia.data.errors import CytologiaInputError
+from cytologia.errors import CytologiaInputError
 from cytologia.weights import add_to_manifest, load_state_dict_checked, read_manifest, verified_path
 
 

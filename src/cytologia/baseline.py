@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cytologia.data.errors import CytologiaInputError
 from cytologia.data.schema import SUBMISSION_COLUMNS
+from cytologia.errors import CytologiaInputError
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    from cytologia.data.errors import CytologiaInputError
+    from cytologia.errors import CytologiaInputError
 
     try:
         return int(importlib.import_module(args._module).run(args) or 0)

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cytologia.data.errors import CytologiaInputError
+from cytologia.errors import CytologiaInputError
 
 STAGES: tuple[str, ...] = ("detector", "classifier", "pipeline")
 FOLD_MODES: tuple[str, ...] = ("stratified", "group-source")

@@ -47,8 +47,8 @@ import numpy as np
 import pandas as pd
 
 from cytologia.boxes import EPS, giou_columns
-from cytologia.data.errors import CytologiaInputError, ValidationError
 from cytologia.data.schema import BOX_COLUMNS, CLASSES, NO_PREDICTION, SUBMISSION_COLUMNS
+from cytologia.errors import CytologiaInputError, ValidationError
 
 log = logging.getLogger(__name__)
 

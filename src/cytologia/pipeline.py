@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 from omegaconf import DictConfig, OmegaConf
 
 from cytologia.clock import CLOCKS, cpu_seconds
-from cytologia.data.errors import CytologiaInputError
 from cytologia.data.prepare import FOLDS_FILE, FOLDS_REPORT, ensure_data, ensure_folds, read_train
+from cytologia.errors import CytologiaInputError
 from cytologia.paths import project_root
 
 if TYPE_CHECKING:

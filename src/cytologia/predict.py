@@ -5,7 +5,7 @@ many boxes per image as ``test.csv`` lists and makes a submission that is valida
 ``trustii_id`` exactly once with its image's NAME, a valid class, a box inside its image (a single empty image would
 cost the macro-F1 a factor 23/24). Open-world mode thresholds the detections instead; with a ``test.csv`` the
 known-count submission is made too. Without ``test.csv`` (open-world only) every image in ``images/`` (or the folder
-itself) is predicted. The network work is :class:`cytologia.runtime.pipeline.Pipeline`'s.
+itself) is predicted. The network work is :class:`cytologia.runtime.inference.Pipeline`'s.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from cytologia.data.errors import CytologiaInputError
+from cytologia.errors import CytologiaInputError
 
 if TYPE_CHECKING:
     from cytologia.ensemble import Ensemble
-    from cytologia.runtime.pipeline import PipelineResult
+    from cytologia.runtime.inference import PipelineResult
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +88,10 @@ def predict_folder(
     per-image output of the mode's rule as ``boxes_out.csv`` and ``boxes_out.json``; ``report``, what ran and how
     long it took (JSON). ``runtime`` (``onnx`` | ``torch``), ``device``, ``tta_flip`` (None: as the ensemble file
     says), ``batch_size`` (images per batch), ``threads`` (per session), ``workers`` (decoding threads) and ``int8``
-    (``off`` | ``on`` | ``measure``) are :class:`~cytologia.runtime.pipeline.Pipeline`'s."""
+    (``off`` | ``on`` | ``measure``) are :class:`~cytologia.runtime.inference.Pipeline`'s."""
     from cytologia.data.io import write_submission
     from cytologia.ensemble import read_ensemble
-    from cytologia.runtime.pipeline import Pipeline, submission_table, write_per_image
+    from cytologia.runtime.inference import Pipeline, submission_table, write_per_image
 
     if mode not in MODES:
         raise CytologiaInputError(f"mode {mode!r} is not one of {', '.join(MODES)}")

@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cytologia.data.errors import CytologiaInputError
 from cytologia.data.schema import BOX_COLUMNS, CLASSES
+from cytologia.errors import CytologiaInputError
 from cytologia.metrics import F1_WEIGHT, GIOU_WEIGHT, ScoreResult, macro_f1, score
 
 log = logging.getLogger(__name__)

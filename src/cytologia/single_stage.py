@@ -34,8 +34,8 @@ import pandas as pd
 import torch
 
 from cytologia.clock import CLOCKS, cpu_seconds, module_clock
-from cytologia.data.errors import CytologiaInputError
 from cytologia.data.schema import BOX_COLUMNS, CLASSES, SUBMISSION_COLUMNS
+from cytologia.errors import CytologiaInputError
 
 log = logging.getLogger(__name__)
 

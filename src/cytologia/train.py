@@ -18,7 +18,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from cytologia.config import check_config
-from cytologia.data.errors import CytologiaInputError
+from cytologia.errors import CytologiaInputError
 from cytologia.provenance import CONFIG_FILE, write_run_info
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from cytologia.classification.augment import (
     mixup_cutmix,
     rotate_cell,
 )
-from cytologia.data.errors import CytologiaInputError
+from cytologia.errors import CytologiaInputError
 
 BACKGROUND = (225, 205, 215)
 CELL = (150, 60, 170)

@@ -21,8 +21,8 @@ from cytologia.classification.crops import (
     label_boxes_from_truth,
     resize_interpolation,
 )
-from cytologia.data.errors import CytologiaInputError, ValidationError
 from cytologia.data.schema import labels
+from cytologia.errors import CytologiaInputError, ValidationError
 from cytologia.metrics import giou_pairs
 
 

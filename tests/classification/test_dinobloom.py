@@ -19,7 +19,7 @@ from cytologia.classification.dinobloom import (
 )
 from cytologia.classification.export import check_onnx_parity, export_classifier_onnx
 from cytologia.classification.models import create_classifier
-from cytologia.data.errors import CytologiaInputError
+from cytologia.errors import CytologiaInputError
 from cytologia.weights import add_to_manifest
 
 

@@ -16,7 +16,7 @@ from cytologia.classification.export import (
     onnx_metadata,
 )
 from cytologia.classification.models import create_classifier
-from cytologia.data.errors import CytologiaInputError
+from cytologia.errors import CytologiaInputError
 
 
 def _scale_logits(model: torch.nn.Module, size: int, target: float = 10.0) -> None:

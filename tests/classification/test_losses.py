@@ -17,7 +17,7 @@ from cytologia.classification.losses import (
     create_loss,
 )
 from cytologia.config import LOSSES
-from cytologia.data.errors import CytologiaInputError
+from cytologia.errors import CytologiaInputError
 
 
 def _softmax(row: list[float]) -> list[float]:

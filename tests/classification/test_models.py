@@ -18,7 +18,7 @@ from cytologia.classification.models import (
     model_blocks,
     register_classifier,
 )
-from cytologia.data.errors import CytologiaInputError
+from cytologia.errors import CytologiaInputError
 from cytologia.weights import add_to_manifest
 
 FIRST_PLACE = (

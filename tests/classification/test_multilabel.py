@@ -32,9 +32,9 @@ from cytologia.classification.module import (
 from cytologia.classification.oof import logits_of, make_oof_table, read_oof, validate_oof, write_oof
 from cytologia.classification.stage import check_supported
 from cytologia.config import check_config
-from cytologia.data.errors import CytologiaInputError, ValidationError
 from cytologia.data.schema import BACKGROUND, CLASSES, labels
 from cytologia.data.synthetic.generate import SynthConfig, generate
+from cytologia.errors import CytologiaInputError, ValidationError
 from cytologia.train import train
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

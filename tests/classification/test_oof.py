@@ -18,8 +18,8 @@ from cytologia.classification.oof import (
     validate_oof,
     write_oof,
 )
-from cytologia.data.errors import CytologiaInputError, ValidationError
 from cytologia.data.schema import BACKGROUND, CLASSES
+from cytologia.errors import CytologiaInputError, ValidationError
 
 
 def _table(n: int = 7, k: int = 23, seed: int = 0) -> pd.DataFrame:

@@ -23,10 +23,10 @@ from cytologia.classification.oof import logits_of, read_oof
 from cytologia.classification.stage import FoldResult, select_checkpoint
 from cytologia.cli import main as cli
 from cytologia.config import check_config
-from cytologia.data.errors import CytologiaInputError
 from cytologia.data.schema import CLASSES
 from cytologia.data.synthetic.generate import SynthConfig, generate
 from cytologia.ensemble import read_ensemble
+from cytologia.errors import CytologiaInputError
 from cytologia.train import train
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

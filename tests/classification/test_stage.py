@@ -19,9 +19,9 @@ from cytologia.classification.module import ClassifierModule, load_checkpoint, p
 from cytologia.classification.oof import logits_of, read_oof
 from cytologia.classification.stage import check_supported, crop_boxes, ensure_folds, read_background, read_train
 from cytologia.config import check_config
-from cytologia.data.errors import CytologiaInputError, ValidationError
 from cytologia.data.schema import CLASSES, labels
 from cytologia.data.synthetic.generate import SynthConfig, generate
+from cytologia.errors import CytologiaInputError, ValidationError
 from cytologia.train import train
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

@@ -9,11 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cytologia.data.errors import CytologiaInputError
 from cytologia.data.folds import MISSING, make_folds, stratification_labels
 from cytologia.data.folds_bench import render_source_set
 from cytologia.data.schema import CLASSES
 from cytologia.data.sources import image_features
+from cytologia.errors import CytologiaInputError
 
 
 def _table(n_images: int, seed: int = 0) -> pd.DataFrame:

@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cytologia.data.errors import CytologiaInputError
 from cytologia.data.hygiene import (
     DUPLICATE_COLUMNS,
     EXACT,
@@ -22,6 +21,7 @@ from cytologia.data.hygiene import (
     perceptual_hash,
     popcount64,
 )
+from cytologia.errors import CytologiaInputError
 
 
 def textured(seed: int, w: int = 120, h: int = 112) -> np.ndarray:

@@ -8,7 +8,6 @@ import cv2
 import numpy as np
 import pytest
 
-from cytologia.data.errors import CytologiaInputError
 from cytologia.data.images import (
     CORRUPT,
     EXTRANEOUS,
@@ -25,6 +24,7 @@ from cytologia.data.images import (
     resolve_image,
     scan_images,
 )
+from cytologia.errors import CytologiaInputError
 
 W, H = 96, 72
 GARBAGE = bytes(range(1, 41))  # 40 bytes without 0xFF: no marker inside

@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cytologia.data.errors import CytologiaInputError, ValidationError
 from cytologia.data.io import (
     MAX_SHOWN,
     read_annotations,
@@ -23,6 +22,7 @@ from cytologia.data.io import (
     write_submission,
 )
 from cytologia.data.schema import ANNOTATION_COLUMNS, CLASSES, SUBMISSION_COLUMNS, TEST_COLUMNS
+from cytologia.errors import CytologiaInputError, ValidationError
 
 HEADER = "NAME,x1,y1,x2,y2,class"
 GOOD_ROWS = ["a.jpg,10,10,50,50,PNN", "b.jpg,5,6,40,44,LY"]

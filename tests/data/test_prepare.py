@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from cytologia.data.errors import CytologiaInputError, ValidationError
 from cytologia.data.prepare import FOLDS_FILE, ensure_data, ensure_folds, read_folds, read_train
+from cytologia.errors import CytologiaInputError, ValidationError
 
 
 def _cfg(root: Path, k: int = 2, synthetic: bool = True):

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from cytologia.data.errors import CytologiaInputError
 from cytologia.data.folds_bench import render_source_set
 from cytologia.data.sources import FEATURE_COLUMNS, UNKNOWN_SOURCE, image_features, infer_sources
 from cytologia.data.synthetic.sources import get_source
+from cytologia.errors import CytologiaInputError
 
 EIGHT = ["S01", "S02", "S03", "S04", "S05", "S06", "S07", "S08"]
 

@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cytologia.data.errors import CytologiaInputError
 from cytologia.data.schema import ANNOTATION_COLUMNS, BACKGROUND, labels
 from cytologia.data.synthetic.render import render_scene
 from cytologia.detection.background import (
@@ -24,6 +23,7 @@ from cytologia.detection.background import (
     read_background,
     saturation,
 )
+from cytologia.errors import CytologiaInputError
 
 
 def _scene(seed: int, classes: list[str], size: int = 192):

@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 import yaml
 
-from cytologia.data.errors import CytologiaInputError
 from cytologia.detection.cleaning import (
     REPORT_COLUMNS,
     CleaningConfig,
@@ -20,6 +19,7 @@ from cytologia.detection.cleaning import (
     clean_truth,
     evaluate_cleaning,
 )
+from cytologia.errors import CytologiaInputError
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,7 +12,6 @@ import pytest
 from ensemble_boxes import weighted_boxes_fusion as reference_wbf
 
 from cytologia.boxes import pairwise_iou
-from cytologia.data.errors import CytologiaInputError, ValidationError
 from cytologia.detection.fusion import (
     PAD_ORDER,
     PRIOR_REL_SIDE,
@@ -24,6 +23,7 @@ from cytologia.detection.fusion import (
     weighted_box_fusion,
 )
 from cytologia.detection.oof import BOX_TABLE_COLUMNS
+from cytologia.errors import CytologiaInputError, ValidationError
 
 
 def _boxes(rows: list[tuple]) -> pd.DataFrame:

@@ -10,8 +10,8 @@ from PIL import Image
 pytest.importorskip("ultralytics", reason="needs the ultralytics extra: pip install 'cytologia[ultralytics]'")
 
 import cytologia.detection.ultralytics_backend  # noqa: E402, F401  (imports ultralytics, which patches PIL.Image.open)
-from cytologia.data.errors import CytologiaInputError  # noqa: E402
 from cytologia.data.images import image_size  # noqa: E402
+from cytologia.errors import CytologiaInputError  # noqa: E402
 
 
 def test_unidentified_image_still_raises_pillow_error(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from cytologia.data.errors import CytologiaInputError
 from cytologia.detection import (
     Detector,
     checkpoint_backend,
@@ -19,6 +18,7 @@ from cytologia.detection import (
 )
 from cytologia.detection.base import BACKEND_KEY, read_header
 from cytologia.detection.registry import BACKENDS, agreed_backend, backend_of_model
+from cytologia.errors import CytologiaInputError
 
 
 @pytest.mark.ultralytics

@@ -10,7 +10,6 @@ import pytest
 from omegaconf import OmegaConf
 
 from cytologia.config import check_config
-from cytologia.data.errors import CytologiaInputError, ValidationError
 from cytologia.detection.oof import (
     OOF_COLUMNS,
     known_count_giou,
@@ -19,6 +18,7 @@ from cytologia.detection.oof import (
     write_boxes,
 )
 from cytologia.detection.stage import check_detector_config, run
+from cytologia.errors import CytologiaInputError, ValidationError
 from cytologia.metrics import score
 
 from .conftest import compose_config

@@ -13,7 +13,6 @@ import torch
 
 pytest.importorskip("ultralytics", reason="needs the ultralytics extra: pip install 'cytologia[ultralytics]'")
 
-from cytologia.data.errors import CytologiaInputError  # noqa: E402
 from cytologia.detection import DetectionData, load_detector  # noqa: E402
 from cytologia.detection.letterbox import letterbox, to_input  # noqa: E402
 from cytologia.detection.ultralytics_backend import (  # noqa: E402
@@ -21,6 +20,7 @@ from cytologia.detection.ultralytics_backend import (  # noqa: E402
     offline_amp_check,
     write_yolo_dataset,
 )
+from cytologia.errors import CytologiaInputError  # noqa: E402
 
 
 def _image(path: Path, w: int, h: int, seed: int = 0) -> Path:

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from cytologia.data.errors import CytologiaInputError
+from cytologia.errors import CytologiaInputError
 from cytologia.runtime.sessions import (
     CPU,
     CUDA,
@@ -84,7 +84,7 @@ def test_pipeline_int8_on_and_measured(tiny) -> None:
     import pandas as pd
 
     from cytologia.data.io import read_test
-    from cytologia.runtime.pipeline import Pipeline
+    from cytologia.runtime.inference import Pipeline
 
     test = read_test(tiny.data / "test.csv")
     names = list(pd.unique(test["NAME"]))[:3]
@@ -119,7 +119,7 @@ def test_cuda_pipeline_runs(tiny) -> None:
     import pandas as pd
 
     from cytologia.data.io import read_test
-    from cytologia.runtime.pipeline import Pipeline
+    from cytologia.runtime.inference import Pipeline
 
     test = read_test(tiny.data / "test.csv")
     names = list(pd.unique(test["NAME"]))[:4]

@@ -26,7 +26,7 @@ from albumentations.core.transforms_interface import BaseTransformInitSchema
 from pydantic import Field
 
 from cytologia.classification.crops import border_colour
-from cytologia.data.errors import CytologiaInputError
+from cytologia.errors import CytologiaInputError
 
 STRENGTHS: tuple[str, ...] = ("light", "default", "strong")
 # Mean ImageNet colour in 0..255 RGB: dropout holes filled with it are ~0 after normalisation.

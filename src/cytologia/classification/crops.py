@@ -28,9 +28,9 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
-from cytologia.data.errors import CytologiaInputError, ValidationError
 from cytologia.data.images import decode, resolve_image
 from cytologia.data.schema import BOX_COLUMNS
+from cytologia.errors import CytologiaInputError, ValidationError
 from cytologia.metrics import giou_pairs
 
 log = logging.getLogger(__name__)

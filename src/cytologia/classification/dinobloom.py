@@ -41,7 +41,7 @@ from cytologia.classification.weight_files import (
     strip_wrapper_prefixes,
     unwrap_state_dict,
 )
-from cytologia.data.errors import CytologiaInputError
+from cytologia.errors import CytologiaInputError
 from cytologia.weights import LoadReport, load_state_dict_checked
 
 log = logging.getLogger(__name__)

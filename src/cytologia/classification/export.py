@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cytologia.data.errors import CytologiaInputError
+from cytologia.errors import CytologiaInputError
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"

@@ -41,9 +41,9 @@ from cytologia.classification.crops import (
     MAX_REPORTED,
     crop_with_margin,
 )
-from cytologia.data.errors import CytologiaInputError, ValidationError
 from cytologia.data.images import decode, resolve_image
 from cytologia.data.schema import BACKGROUND
+from cytologia.errors import CytologiaInputError, ValidationError
 
 # Columns of an image table (:func:`image_table`): ``classes`` is the space-separated label names present (class
 # names hold no spaces), ``cell_class`` the class of the only box of a single-cell image (None otherwise).

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cytologia.data.errors import CytologiaInputError
+from cytologia.errors import CytologiaInputError
 
 LOSS_NAMES: tuple[str, ...] = ("cross_entropy", "focal", "bce", "focal_multilabel")
 

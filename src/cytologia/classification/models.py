@@ -35,7 +35,7 @@ from cytologia.classification.weight_files import (  # also importable from here
     strip_wrapper_prefixes,
     unwrap_state_dict,  # noqa: F401
 )
-from cytologia.data.errors import CytologiaInputError
+from cytologia.errors import CytologiaInputError
 from cytologia.weights import LoadReport, load_state_dict_checked, verified_path
 
 log = logging.getLogger(__name__)

@@ -34,8 +34,8 @@ from torch import nn
 from cytologia.classification.augment import mixup_cutmix
 from cytologia.classification.losses import create_loss
 from cytologia.classification.models import create_classifier
-from cytologia.data.errors import CytologiaInputError
 from cytologia.data.schema import CLASSES
+from cytologia.errors import CytologiaInputError
 from cytologia.metrics import macro_f1
 
 MONITOR = "val/macro_f1"  # the metric that picks the best checkpoint (single-cell images for a multi-label model)

@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cytologia.data.errors import CytologiaInputError, ValidationError
 from cytologia.data.schema import BACKGROUND, CLASSES, labels
+from cytologia.errors import CytologiaInputError, ValidationError
 from cytologia.oof_names import MULTILABEL_PREFIX
 
 KEY_COLUMNS: tuple[str, ...] = ("NAME", "box_id", "fold", "model")

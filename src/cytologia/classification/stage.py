@@ -76,9 +76,9 @@ from cytologia.classification.module import (
 from cytologia.classification.oof import FILE_NAME as OOF_FILE
 from cytologia.classification.oof import logits_of, make_oof_table, read_oof, write_oof
 from cytologia.config import SELECT_MODES
-from cytologia.data.errors import CytologiaInputError, ValidationError
 from cytologia.data.prepare import ensure_data, ensure_folds, read_train, write_text_atomic
 from cytologia.data.schema import BACKGROUND, BOX_COLUMNS, CLASSES, labels
+from cytologia.errors import CytologiaInputError, ValidationError
 from cytologia.oof_names import flip_model_name, multilabel_model_name
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cytologia.data.errors import CytologiaInputError
+from cytologia.errors import CytologiaInputError
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ import argparse
 import importlib
 from types import ModuleType
 
-from cytologia.data.errors import CytologiaInputError
+from cytologia.errors import CytologiaInputError
 
 # name -> (module, one-line help)
 BENCHES: dict[str, tuple[str, str]] = {

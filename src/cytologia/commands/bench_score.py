@@ -26,8 +26,8 @@ import numpy as np
 import pandas as pd
 
 from cytologia import metrics, metrics_reference
-from cytologia.data.errors import CytologiaInputError
 from cytologia.data.schema import BOX_COLUMNS, CLASSES
+from cytologia.errors import CytologiaInputError
 from cytologia.paths import real_data_dir
 
 TOLERANCE = 1e-9  # the two implementations differ only by float summation order (~1e-15)

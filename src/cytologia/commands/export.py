@@ -13,7 +13,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from cytologia.data.errors import CytologiaInputError
+from cytologia.errors import CytologiaInputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 

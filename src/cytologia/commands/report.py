@@ -14,7 +14,7 @@ import json
 import logging
 from pathlib import Path
 
-from cytologia.data.errors import CytologiaInputError
+from cytologia.errors import CytologiaInputError
 
 log = logging.getLogger(__name__)
 

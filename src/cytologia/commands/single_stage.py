@@ -52,7 +52,7 @@ def _train_args(specs: list[str]) -> dict[str, Any]:
     """``KEY=VALUE`` strings -> ultralytics arguments (values parsed as YAML: 8 -> int, 0.5 -> float, true -> bool)."""
     import yaml
 
-    from cytologia.data.errors import CytologiaInputError
+    from cytologia.errors import CytologiaInputError
     from cytologia.single_stage import SingleStageSettings
 
     out: dict[str, Any] = dict(SingleStageSettings().extra)  # the defaults stay unless overridden

@@ -2,7 +2,7 @@
 
 Prints a summary; with ``--out`` writes the validated annotations table (``annotations.csv``), the test list
 (``test.csv``, when there is one) and ``validation_report.json``, plus ``jpeg_check.csv`` / ``duplicates.csv`` when
-those checks run. A strict failure raises :class:`~cytologia.data.errors.ValidationError`, which the CLI turns into
+those checks run. A strict failure raises :class:`~cytologia.errors.ValidationError`, which the CLI turns into
 exit code 2 with a message naming the file and rows.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from cytologia.data.errors import CytologiaInputError, ValidationError
+from cytologia.errors import CytologiaInputError, ValidationError
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cytologia.data.errors import CytologiaInputError, ValidationError
 from cytologia.data.schema import BOX_COLUMNS, CLASSES, FOLD_COLUMNS, TRAIN_COLUMNS
 from cytologia.data.sources import FEATURE_COLUMNS, UNKNOWN_SOURCE, image_features, infer_sources
+from cytologia.errors import CytologiaInputError, ValidationError
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,9 @@ import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from cytologia.data.errors import CytologiaInputError
 from cytologia.data.images import imread, thread_map
 from cytologia.data.schema import BOX_COLUMNS
+from cytologia.errors import CytologiaInputError
 
 log = logging.getLogger(__name__)
 

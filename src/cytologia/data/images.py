@@ -43,7 +43,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from cytologia.data.errors import CytologiaInputError
+from cytologia.errors import CytologiaInputError
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cytologia.data.errors import CytologiaInputError, ValidationError
 from cytologia.data.hygiene import clip_boxes
 from cytologia.data.images import image_sizes as read_image_sizes
 from cytologia.data.schema import (
@@ -48,6 +47,7 @@ from cytologia.data.schema import (
     TEST_COLUMNS,
     TRAIN_COLUMNS,
 )
+from cytologia.errors import CytologiaInputError, ValidationError
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from cytologia.data.errors import CytologiaInputError, ValidationError
+from cytologia.errors import CytologiaInputError, ValidationError
 
 log = logging.getLogger(__name__)
 

@@ -253,12 +253,12 @@ def infer_sources(
     decreasing size (ties by first image), so they do not depend on KMeans' label order.
     """
     if n_sources is not None and n_sources < 1:
-        from cytologia.data.errors import CytologiaInputError
+        from cytologia.errors import CytologiaInputError
 
         raise CytologiaInputError(f"number of sources must be >= 1, got {n_sources}")
     missing = [c for c in FEATURE_COLUMNS if c not in features.columns]
     if missing:
-        from cytologia.data.errors import CytologiaInputError
+        from cytologia.errors import CytologiaInputError
 
         raise CytologiaInputError(f"features table lacks column(s) {', '.join(missing)}")
     names = features["NAME"].astype(str).to_numpy()

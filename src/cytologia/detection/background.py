@@ -33,8 +33,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from cytologia.data.errors import CytologiaInputError
 from cytologia.data.schema import ANNOTATION_COLUMNS, BACKGROUND, BOX_COLUMNS
+from cytologia.errors import CytologiaInputError
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 import pandas as pd
 
-from cytologia.data.errors import CytologiaInputError
+from cytologia.errors import CytologiaInputError
 
 if TYPE_CHECKING:
     import torch

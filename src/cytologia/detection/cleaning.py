@@ -37,10 +37,10 @@ import pandas as pd
 
 from cytologia.boxes import iou as aligned_iou
 from cytologia.boxes import pairwise_iou
-from cytologia.data.errors import CytologiaInputError, ValidationError
 from cytologia.data.schema import BOX_COLUMNS
 from cytologia.detection.fusion import IOU_EPS, weighted_box_fusion
 from cytologia.detection.oof import validate_boxes
+from cytologia.errors import CytologiaInputError, ValidationError
 from cytologia.metrics import giou_pairs
 
 log = logging.getLogger(__name__)

@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cytologia.data.errors import CytologiaInputError
 from cytologia.data.schema import BOX_COLUMNS
 from cytologia.detection.base import BACKEND_KEY, Detector
 from cytologia.detection.registry import get_backend, load_detector
+from cytologia.errors import CytologiaInputError
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ import numpy as np
 import pandas as pd
 
 from cytologia.boxes import best_overlap, giou, iou, pairwise_giou
-from cytologia.data.errors import CytologiaInputError
 from cytologia.data.schema import BOX_COLUMNS
 from cytologia.detection.oof import validate_boxes
+from cytologia.errors import CytologiaInputError
 
 log = logging.getLogger(__name__)
 

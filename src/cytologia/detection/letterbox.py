@@ -17,8 +17,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from cytologia.data.errors import CytologiaInputError
 from cytologia.data.images import decode, thread_map
+from cytologia.errors import CytologiaInputError
 
 PAD_VALUE = 114  # grey of the letterbox padding (ultralytics' value; YOLOX's mosaic canvas uses it too)
 

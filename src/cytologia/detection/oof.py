@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cytologia.data.errors import CytologiaInputError, ValidationError
 from cytologia.data.schema import BOX_COLUMNS
+from cytologia.errors import CytologiaInputError, ValidationError
 from cytologia.metrics import giou_pairs
 
 BOX_TABLE_COLUMNS: tuple[str, ...] = ("NAME", *BOX_COLUMNS, "score", "model")

@@ -24,8 +24,8 @@ from typing import Any
 
 import pandas as pd
 
-from cytologia.data.errors import CytologiaInputError
 from cytologia.detection.base import BACKEND_KEY, PREDICT_COLUMNS, Detector, read_header, recorded_backend
+from cytologia.errors import CytologiaInputError
 
 __all__ = [  # Detector and PREDICT_COLUMNS live in cytologia.detection.base; imported from here too
     "BACKENDS", "CLASS_NAME", "PREDICT_COLUMNS", "DetectionData", "Detector", "TrainResult", "TrainSettings",

@@ -27,10 +27,10 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from cytologia.config import settings_from
-from cytologia.data.errors import CytologiaInputError
 from cytologia.data.prepare import FOLDS_FILE, ensure_data, ensure_folds, read_train
 from cytologia.detection.oof import OOF_COLUMNS, empty_boxes, known_count_giou, write_boxes
 from cytologia.detection.registry import DetectionData, Detector, TrainResult, TrainSettings, create_detector
+from cytologia.errors import CytologiaInputError
 from cytologia.oof_names import flip_model_name
 
 log = logging.getLogger(__name__)

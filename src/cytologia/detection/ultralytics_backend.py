@@ -59,7 +59,6 @@ from ultralytics.utils.nms import non_max_suppression
 
 # importing this module imported cytologia first, which set the offline environment before ultralytics was imported
 from cytologia.console import route_ultralytics_logs
-from cytologia.data.errors import CytologiaInputError
 from cytologia.data.images import attributed, image_sizes, resolve_image
 from cytologia.data.schema import BOX_COLUMNS
 from cytologia.detection.base import BACKEND_KEY, PREDICT_COLUMNS, CheckpointHeader, Detector
@@ -67,6 +66,7 @@ from cytologia.detection.letterbox import Frame, detect_in_batches, map_back
 from cytologia.detection.oof import known_count_giou
 from cytologia.detection.registry import CLASS_NAME, DetectionData, TrainResult, TrainSettings
 from cytologia.device import ultralytics_device
+from cytologia.errors import CytologiaInputError
 from cytologia.offline import install_yolo_fonts, tame_ultralytics
 
 log = logging.getLogger(__name__)

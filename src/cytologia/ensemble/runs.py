@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cytologia.data.errors import CytologiaInputError
+from cytologia.errors import CytologiaInputError
 
 if TYPE_CHECKING:
     from cytologia.ensemble import Ensemble
@@ -137,8 +137,16 @@ def _detector_spec(path: Path, img_size: int | None) -> Any:
     if size is None:
         raise CytologiaInputError(f"{path}: no config.yaml with detector.img_size; give --det-img-size")
     keys = ("conf", "nms_iou", "max_det", "tta_flip")
+    if ckpts:  # the checkpoint records the backend that wrote it: no default to fall back on
+        from cytologia.detection.registry import checkpoint_backend
+
+        backend = checkpoint_backend(ckpts[0])
+    elif d.get("backend"):
+        backend = str(d["backend"])
+    else:
+        raise CytologiaInputError(f"{path}: ONNX graphs only and no detector.backend in config.yaml: name the backend")
     return DetectorSpec(
-        backend=d.get("backend", "ultralytics"), arch=d.get("model"), img_size=int(size),
+        backend=backend, arch=d.get("model"), img_size=int(size),
         checkpoints=[str(p) for p in ckpts], onnx=[str(p) for p in graphs], **{k: d[k] for k in keys if k in d},
     )  # fmt: skip
 

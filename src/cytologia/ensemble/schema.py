@@ -1,4 +1,4 @@
-"""The ensemble file: what :mod:`cytologia.runtime.pipeline` reads to predict, and what ``cytologia tune`` writes.
+"""The ensemble file: what :mod:`cytologia.runtime.inference` reads to predict, and what ``cytologia tune`` writes.
 
 It holds the members (architecture, input size, margin, flip TTA, per-fold checkpoints and/or ONNX files, weight),
 the blend (rule, class biases, multi-label weight; applied by :mod:`cytologia.ensemble.blend`), the detector
@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from cytologia.data.errors import CytologiaInputError
 from cytologia.data.schema import CLASSES
+from cytologia.errors import CytologiaInputError
 from cytologia.oof_names import KINDS
 
 VERSION = 1

@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cytologia.data.errors import CytologiaInputError, ValidationError
 from cytologia.data.schema import BOX_COLUMNS, CLASSES
 from cytologia.ensemble.blend import blend_logits, blend_probabilities, multilabel_probabilities, softmax
 from cytologia.ensemble.schema import N_CLASSES, BlendSpec, MemberSpec
+from cytologia.errors import CytologiaInputError, ValidationError
 from cytologia.metrics import F1_WEIGHT
 
 log = logging.getLogger(__name__)

@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cytologia.data.errors import CytologiaInputError
-from cytologia.runtime.pipeline import MODES, STAGES, Pipeline, PipelineResult
+from cytologia.errors import CytologiaInputError
+from cytologia.runtime.inference import MODES, STAGES, Pipeline, PipelineResult
 
 log = logging.getLogger(__name__)
 

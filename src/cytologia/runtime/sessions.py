@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from cytologia.data.errors import CytologiaInputError
+from cytologia.errors import CytologiaInputError
 
 log = logging.getLogger(__name__)
 

@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from cytologia.data.errors import CytologiaInputError
 from cytologia.data.schema import CLASSES, SUBMISSION_COLUMNS, TEST_COLUMNS, TRAIN_COLUMNS
 from cytologia.data.synthetic.defects import KINDS, NOISE_COLUMNS, DefectRates
 from cytologia.data.synthetic.generate import OUTPUT_FILES, SynthConfig, _plan, generate, spread_rows
 from cytologia.data.synthetic.sources import SOURCE_BY_NAME
 from cytologia.data.synthetic.stats import load_real_stats
+from cytologia.errors import CytologiaInputError
 from cytologia.metrics import score
 
 NAME_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]\.jpg")

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cytologia.data.errors import CytologiaInputError
 from cytologia.detection import create_detector, list_detectors, load_detector
 from cytologia.detection.registry import PREDICT_COLUMNS
+from cytologia.errors import CytologiaInputError
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -79,7 +79,7 @@ BLOCKED_RUN = textwrap.dedent(
     images = sorted((base / "data" / "synthetic" / "images").glob("*.jpg"))[:2]
     n_onnx = len(OnnxDetector(onnx_path).predict(images, img_size=64, conf=0.0))
     blocked = [m for m in sys.modules if m == "ultralytics" or m.startswith("ultralytics.")]
-    from cytologia.data.errors import CytologiaInputError
+    from cytologia.errors import CytologiaInputError
     from cytologia.detection import get_backend, list_detectors
     try:
         get_backend("ultralytics")

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from cytologia.data.errors import CytologiaInputError
 from cytologia.detection import create_detector, load_detector
 from cytologia.detection.yolox.checkpoint import (
     init_from_weights,
@@ -18,6 +17,7 @@ from cytologia.detection.yolox.checkpoint import (
     save_checkpoint,
 )
 from cytologia.detection.yolox.model import build_yolox
+from cytologia.errors import CytologiaInputError
 from cytologia.weights import add_to_manifest
 
 

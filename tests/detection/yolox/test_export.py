@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 
 from cytologia.cli import main
-from cytologia.data.errors import CytologiaInputError
 from cytologia.detection import load_detector
 from cytologia.detection.export import (
     BOX_ATOL_PX,
@@ -22,6 +21,7 @@ from cytologia.detection.export import (
     benchmark,
     verify_onnx,
 )
+from cytologia.errors import CytologiaInputError
 
 
 @pytest.fixture(scope="module")

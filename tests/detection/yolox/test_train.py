@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 import torch
 
-from cytologia.data.errors import CytologiaInputError
 from cytologia.detection import DetectionData, TrainSettings, create_detector
 from cytologia.detection.yolox.augment import AugmentConfig, DetectionDataset, Sample, collate
 from cytologia.detection.yolox.checkpoint import load_trained
@@ -29,6 +28,7 @@ from cytologia.detection.yolox.train import (
     precise_bn,
     resize_batch,
 )
+from cytologia.errors import CytologiaInputError
 
 NO_AUG = AugmentConfig(mosaic_prob=0.0, mixup_prob=0.0, flip_lr=0.0, flip_ud=0.0, hsv_prob=0.0)
 

@@ -21,7 +21,7 @@ extraneous_bytes       -1                         empty; junk bytes sit before t
 =====================  =========================  ==============================================================
 
 ``train_row`` is 1-based over the data rows of ``train.csv`` (row 1 is the line after the header, as in
-:class:`cytologia.data.errors.ValidationError`); ``box_index`` is the row's 0-based position among its image's rows.
+:class:`cytologia.errors.ValidationError`); ``box_index`` is the row's 0-based position among its image's rows.
 Test labels are never touched: duplicates copied into the test split carry their clean boxes.
 
 Default rates (:class:`DefectRates`) follow the real training table where it tells: ~1,000 of 52,748 boxes pass the

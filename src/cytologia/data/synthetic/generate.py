@@ -44,7 +44,6 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from cytologia.data.errors import CytologiaInputError
 from cytologia.data.schema import CLASSES, SUBMISSION_COLUMNS, TEST_COLUMNS, TRAIN_COLUMNS
 from cytologia.data.synthetic.defects import (
     KINDS,
@@ -67,6 +66,7 @@ from cytologia.data.synthetic.stats import (
     draw_cells_per_image,
     load_real_stats,
 )
+from cytologia.errors import CytologiaInputError
 
 log = logging.getLogger(__name__)
 

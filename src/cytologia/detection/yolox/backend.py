@@ -17,13 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from cytologia.data.errors import CytologiaInputError
 from cytologia.detection.base import CheckpointHeader, Detector
 from cytologia.detection.registry import DetectionData, TrainResult, TrainSettings
 from cytologia.detection.yolox.checkpoint import FORMAT, init_from_weights, load_trained, read_checkpoint
 from cytologia.detection.yolox.infer import nms_boxes
 from cytologia.detection.yolox.model import SIZES, YOLOX, YoloxInference, build_yolox
 from cytologia.detection.yolox.train import fit, parse_train_args
+from cytologia.errors import CytologiaInputError
 
 log = logging.getLogger(__name__)
 

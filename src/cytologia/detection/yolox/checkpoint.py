@@ -36,9 +36,9 @@ from typing import Any
 
 import torch
 
-from cytologia.data.errors import CytologiaInputError
 from cytologia.detection.base import BACKEND_KEY
 from cytologia.detection.yolox.model import SIZES, YOLOX, build_yolox
+from cytologia.errors import CytologiaInputError
 from cytologia.weights import LoadReport, load_state_dict_checked
 
 log = logging.getLogger(__name__)

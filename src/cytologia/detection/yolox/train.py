@@ -48,7 +48,6 @@ import torch.nn.functional as F
 import yaml
 
 from cytologia.boxes import clip
-from cytologia.data.errors import CytologiaInputError
 from cytologia.data.images import image_sizes, resolve_image
 from cytologia.data.schema import BOX_COLUMNS
 from cytologia.detection.oof import known_count_giou
@@ -59,6 +58,7 @@ from cytologia.detection.yolox.checkpoint import save_checkpoint
 from cytologia.detection.yolox.losses import BOX_LOSSES, yolox_loss
 from cytologia.detection.yolox.model import YOLOX, YoloxInference
 from cytologia.device import resolve_device
+from cytologia.errors import CytologiaInputError
 
 log = logging.getLogger(__name__)
 

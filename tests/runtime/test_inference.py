@@ -11,13 +11,13 @@ import pandas as pd
 import pytest
 
 from cytologia.cli import main
-from cytologia.data.errors import CytologiaInputError
 from cytologia.data.images import decode
 from cytologia.data.io import read_submission, read_test
 from cytologia.detection.fusion import known_count, open_world
 from cytologia.ensemble import MemberSpec, write_ensemble
+from cytologia.errors import CytologiaInputError
 from cytologia.runtime.bench import save_random_classifier
-from cytologia.runtime.pipeline import (
+from cytologia.runtime.inference import (
     PROB_COLUMNS,
     Pipeline,
     known_count_boxes,

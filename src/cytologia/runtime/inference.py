@@ -40,9 +40,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cytologia.data.errors import CytologiaInputError
 from cytologia.data.schema import BOX_COLUMNS, CLASSES
 from cytologia.ensemble import N_CLASSES, Ensemble, MemberSpec, blend_probabilities, multilabel_probabilities
+from cytologia.errors import CytologiaInputError
 
 log = logging.getLogger(__name__)
 
