@@ -43,6 +43,7 @@ import pandas as pd
 from cytologia.data.schema import BOX_COLUMNS, CLASSES
 from cytologia.ensemble import N_CLASSES, Ensemble, MemberSpec, blend_probabilities, multilabel_probabilities
 from cytologia.errors import CytologiaInputError
+from cytologia.oof_names import flip_model_name
 
 log = logging.getLogger(__name__)
 
@@ -411,7 +412,7 @@ class Pipeline:
                 dets = boxes_from_output(
                     raw, frames, det.img_size, conf=det.conf, iou=det.nms_iou, max_det=det.max_det, flipped=flip
                 )
-                passes.append((f"det{k}" + ("+hflip" if flip else ""), [_with_area(d) for d in dets]))
+                passes.append((flip_model_name(f"det{k}") if flip else f"det{k}", [_with_area(d) for d in dets]))
         if len(passes) == 1:
             return passes[0][1]
         parts = [(tag, name, d) for tag, dets in passes for name, d in zip(names, dets) if len(d)]
