@@ -4,7 +4,7 @@ import hydra
 from omegaconf import DictConfig
 
 import cytologia  # noqa: F401  (sets the offline environment before anything heavy is imported)
-from cytologia.data.errors import CytologiaInputError
+from cytologia.errors import CytologiaInputError
 from cytologia.train import train
 
 
