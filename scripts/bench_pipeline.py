@@ -32,7 +32,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "det_size": 384,
         "classifiers": [("efficientnet_b0", 224)],
         "tta_flip": False,
-    },  # fmt: skip
+    },
     "winner": {
         "detector": "yolo11s",
         "det_size": 512,
@@ -42,7 +42,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
             ("dinobloom_b", 224),
             ("nextvit_small", 384),
             ("tiny_vit_21m_512", 512),
-        ],  # fmt: skip
+        ],
         "tta_flip": True,
     },
 }
@@ -87,9 +87,12 @@ def main(argv: list[str] | None = None) -> int:
             for name in names:
                 cfg = CONFIGS[name]
                 path = build_random_ensemble(
-                    Path(tmp) / name, detector=cfg["detector"], det_size=cfg["det_size"],
-                    classifiers=list(cfg["classifiers"]), tta_flip=cfg["tta_flip"],
-                )  # fmt: skip
+                    Path(tmp) / name,
+                    detector=cfg["detector"],
+                    det_size=cfg["det_size"],
+                    classifiers=list(cfg["classifiers"]),
+                    tta_flip=cfg["tta_flip"],
+                )
                 ensemble = read_ensemble(path)
                 rows = [
                     bench_runtime(
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                         batch_size=args.batch,
                         warmup=min(args.warmup, len(paths)),
                         int8=args.int8,
-                    )  # fmt: skip
+                    )
                     for rt in runtimes
                 ]
                 header = (

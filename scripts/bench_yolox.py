@@ -47,19 +47,26 @@ def timing(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-yolox-") as tmp:
         tmp_path = Path(tmp)
         images = generated_images(tmp_path / "images", n=args.n_images, size=368)
-        models = [("yolox", m) for m in args.yolox] + ([("ultralytics", m) for m in args.ultralytics]
-                                                        if HAVE_ULTRALYTICS else [])  # fmt: skip
+        models = [("yolox", m) for m in args.yolox] + (
+            [("ultralytics", m) for m in args.ultralytics] if HAVE_ULTRALYTICS else []
+        )
         for backend, name in models:
             ckpt = get_backend(backend).save_random(name, tmp_path / f"{name}.pt", img_size=512)
             detector = load_detector(ckpt)
             params = sum(p.numel() for p in detector.network("cpu").parameters()) / 1e6
             for size in args.sizes:
                 onnx_path = detector.export_onnx(tmp_path / f"{name}_{size}.onnx", img_size=size)
-                t = benchmark(detector, onnx_path, images, size, threads=args.threads, batch_size=1,
-                              repeats=args.repeats)  # fmt: skip
-                row = {"backend": backend, "model": name, "params_M": round(params, 2), "img_size": size,
-                       "torch_ms": round(t["torch_ms_per_image"], 1),
-                       "onnxruntime_ms": round(t["onnxruntime_ms_per_image"], 1)}  # fmt: skip
+                t = benchmark(
+                    detector, onnx_path, images, size, threads=args.threads, batch_size=1, repeats=args.repeats
+                )
+                row = {
+                    "backend": backend,
+                    "model": name,
+                    "params_M": round(params, 2),
+                    "img_size": size,
+                    "torch_ms": round(t["torch_ms_per_image"], 1),
+                    "onnxruntime_ms": round(t["onnxruntime_ms_per_image"], 1),
+                }
                 print(row, flush=True)
                 results["rows"].append(row)
     return results
@@ -77,10 +84,17 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
     folds = pd.DataFrame({"NAME": names, "fold": np.random.default_rng(args.seed).permutation(len(names)) % 4})
     held = folds.loc[folds["fold"] == 0, "NAME"].tolist()
     truth = table.loc[table["NAME"].isin(held)]
-    results: dict[str, Any] = {"epochs": args.epochs, "img_size": args.img_size, "batch_size": args.batch_size,
-                               "n_images": len(names), "n_held_out": len(held), "rows": []}  # fmt: skip
-    runs = [("yolox", m) for m in args.yolox] + ([("ultralytics", m) for m in args.ultralytics]
-                                                 if HAVE_ULTRALYTICS else [])  # fmt: skip
+    results: dict[str, Any] = {
+        "epochs": args.epochs,
+        "img_size": args.img_size,
+        "batch_size": args.batch_size,
+        "n_images": len(names),
+        "n_held_out": len(held),
+        "rows": [],
+    }
+    runs = [("yolox", m) for m in args.yolox] + (
+        [("ultralytics", m) for m in args.ultralytics] if HAVE_ULTRALYTICS else []
+    )
     for backend, name in runs:
         if backend == "yolox":  # mixup off, as the released nano/tiny models train
             extra = {"no_aug_epochs": 2, "warmup_epochs": 2, "mixup_prob": 0.0}
@@ -88,19 +102,35 @@ def score(args: argparse.Namespace) -> dict[str, Any]:
             extra = {"flipud": 0.5, "close_mosaic": 2, "warmup_epochs": 2}
         cache = args.out / "cache"
         data = DetectionData(table=table, folds=folds, image_dir=root / "images", fold=0, cache_dir=cache)
-        settings = TrainSettings(epochs=args.epochs, img_size=args.img_size, batch_size=args.batch_size, lr=0.002,
-                                 optimizer="AdamW", device="cpu", workers=2, amp=False, seed=args.seed,
-                                 extra=extra)  # fmt: skip
+        settings = TrainSettings(
+            epochs=args.epochs,
+            img_size=args.img_size,
+            batch_size=args.batch_size,
+            lr=0.002,
+            optimizer="AdamW",
+            device="cpu",
+            workers=2,
+            amp=False,
+            seed=args.seed,
+            extra=extra,
+        )
         detector = create_detector(backend, name)
         start, cpu0 = time.perf_counter(), _cpu_seconds()
         result = detector.train(data, args.out / f"{backend}_{name}", settings)
         train_s, cpu_s = time.perf_counter() - start, _cpu_seconds() - cpu0
-        boxes = detector.predict([root / "images" / n for n in held], img_size=args.img_size, names=held,
-                                 device="cpu", batch_size=16)  # fmt: skip
+        boxes = detector.predict(
+            [root / "images" / n for n in held], img_size=args.img_size, names=held, device="cpu", batch_size=16
+        )
         value = known_count_giou(boxes, truth)
-        row = {"backend": backend, "model": name, "train_wall_s": round(train_s, 1), "train_cpu_s": round(cpu_s, 1),
-               "epochs": len(result.history),
-               "best_epoch": result.best_epoch, "known_count_giou": round(value, 4)}  # fmt: skip
+        row = {
+            "backend": backend,
+            "model": name,
+            "train_wall_s": round(train_s, 1),
+            "train_cpu_s": round(cpu_s, 1),
+            "epochs": len(result.history),
+            "best_epoch": result.best_epoch,
+            "known_count_giou": round(value, 4),
+        }
         print(row, flush=True)
         results["rows"].append(row)
     return results

@@ -77,8 +77,14 @@ def simulate_detections(
             noisy = b + rng.normal(0, sim.sigma, 4) * np.array([w, h, w, h])
             rows.append((truth["NAME"].iat[i], *noisy, score[i] * rng.uniform(0.95, 1.0), model))
             if dup[i]:
-                rows.append((truth["NAME"].iat[i], *(b + rng.normal(0, 3 * sim.sigma, 4) * np.array([w, h, w, h])),
-                             0.5 * score[i], model))  # fmt: skip
+                rows.append(
+                    (
+                        truth["NAME"].iat[i],
+                        *(b + rng.normal(0, 3 * sim.sigma, 4) * np.array([w, h, w, h])),
+                        0.5 * score[i],
+                        model,
+                    )
+                )
         for j in np.flatnonzero(red_hit):
             b = red_cells[["x1", "y1", "x2", "y2"]].to_numpy(float)[j]
             rows.append((red_cells["NAME"].iat[j], *b, red_score[j], model))
@@ -101,13 +107,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, required=True, help="generated data folder (train.csv, images/, noise.csv)")
     p.add_argument("--boxes", type=Path, default=None, help="real out-of-fold boxes table (default: simulated)")
     p.add_argument("--config", type=Path, default=None, help="cleaning config YAML (default: CleaningConfig())")
-    p.add_argument("--generate", type=int, default=0, metavar="N",
-                   help="first generate N images into --data with raised defect rates (overwrites)")  # fmt: skip
+    p.add_argument(
+        "--generate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first generate N images into --data with raised defect rates (overwrites)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="folder for the evaluation tables")
     for f in SimDetector.__dataclass_fields__.values():
-        p.add_argument(f"--sim-{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                       help=f"simulated detector: {f.name} (default {f.default})")  # fmt: skip
+        p.add_argument(
+            f"--sim-{f.name.replace('_', '-')}",
+            type=type(f.default),
+            default=f.default,
+            help=f"simulated detector: {f.name} (default {f.default})",
+        )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
@@ -118,8 +133,14 @@ def main(argv: list[str] | None = None) -> int:
         # Rates raised from the defaults (jitter 3 %, red cell 0.5 %, unannotated 1 %) so that a set of a thousand
         # images holds a few dozen of each defect.
         rates = DefectRates(box_jitter=0.05, past_border=0.02, red_cell=0.04, unannotated_border=0.04)
-        generate(args.data, n_images=args.generate, seed=args.seed, config=SynthConfig(defects=rates), workers=2,
-                 overwrite=True)  # fmt: skip
+        generate(
+            args.data,
+            n_images=args.generate,
+            seed=args.seed,
+            config=SynthConfig(defects=rates),
+            workers=2,
+            overwrite=True,
+        )
     for name in ("train.csv", "noise.csv"):
         if not (args.data / name).is_file():
             print(f"error: {args.data / name}: no such file", file=sys.stderr)
@@ -149,8 +170,13 @@ def main(argv: list[str] | None = None) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.out / "cleaning_eval.csv", index=False)
         result.report.to_csv(args.out / "cleaning_report.csv", index=False)
-        summary = {"data": str(args.data), "mode": mode, "config": cfg.as_dict(), "counts": result.counts,
-                   "eval": table.to_dict(orient="records")}  # fmt: skip
+        summary = {
+            "data": str(args.data),
+            "mode": mode,
+            "config": cfg.as_dict(),
+            "counts": result.counts,
+            "eval": table.to_dict(orient="records"),
+        }
         (args.out / "cleaning_eval.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
     return 0
 

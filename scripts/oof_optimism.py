@@ -108,14 +108,26 @@ def member_config(args: argparse.Namespace, root: Path, name: str, mode: str, se
         return compose(
             config_name="train",
             overrides=[
-                "trainer=cpu_tiny", "stage=classifier", f"data.root={root}", "data.synthetic=false",
-                f"folds.k={args.folds}", "fold=null", f"exp_name={name}", f"classifier.name={name}",
-                f"classifier.img_size={args.img_size}", f"trainer.max_epochs={args.epochs}",
-                f"trainer.batch_size={args.batch_size}", f"trainer.lr={args.lr}", "trainer.num_workers=0",
-                f"trainer.select={mode}", "ensemble.tta_flip=false", f"seed={seed}",
-                f"paths.output_dir={args.out / 'runs'}", *extra,
+                "trainer=cpu_tiny",
+                "stage=classifier",
+                f"data.root={root}",
+                "data.synthetic=false",
+                f"folds.k={args.folds}",
+                "fold=null",
+                f"exp_name={name}",
+                f"classifier.name={name}",
+                f"classifier.img_size={args.img_size}",
+                f"trainer.max_epochs={args.epochs}",
+                f"trainer.batch_size={args.batch_size}",
+                f"trainer.lr={args.lr}",
+                "trainer.num_workers=0",
+                f"trainer.select={mode}",
+                "ensemble.tta_flip=false",
+                f"seed={seed}",
+                f"paths.output_dir={args.out / 'runs'}",
+                *extra,
             ],
-        )  # fmt: skip
+        )
 
 
 def train_member(args: argparse.Namespace, root: Path, name: str, mode: str, seed: int) -> tuple[Path, float]:
@@ -180,9 +192,15 @@ def argmax23(logits: np.ndarray) -> np.ndarray:
 
 
 def evaluate_mode(
-    args: argparse.Namespace, root: Path, runs: dict[str, Path], mode: str, seed: int, truth: pd.DataFrame,
-    test: pd.DataFrame, noisy: set[int],
-) -> dict[str, Any]:  # fmt: skip
+    args: argparse.Namespace,
+    root: Path,
+    runs: dict[str, Path],
+    mode: str,
+    seed: int,
+    truth: pd.DataFrame,
+    test: pd.DataFrame,
+    noisy: set[int],
+) -> dict[str, Any]:
     """Tune the ensemble of ``runs`` (member -> run folder) and score members and ensemble on OOF and test boxes.
     Also returns the per-box predictions the bootstrap resamples."""
     from cytologia.classification.oof import logits_of, read_oof
@@ -261,10 +279,17 @@ def evaluate_mode(
         "checkpoint_selection": report.get("checkpoint_selection"),
     }
     per_box = {
-        "oof_true": oof_true, "oof_names": oof_names, "oof_pred": oof_pred, "oof_blend": oof_blend,
-        "test_true": test_true, "test_names": test["NAME"].to_numpy(), "test_pred_fold": test_pred_fold,
-        "test_pred_avg": test_pred_avg, "test_blend": test_blend, "best": best,
-    }  # fmt: skip
+        "oof_true": oof_true,
+        "oof_names": oof_names,
+        "oof_pred": oof_pred,
+        "oof_blend": oof_blend,
+        "test_true": test_true,
+        "test_names": test["NAME"].to_numpy(),
+        "test_pred_fold": test_pred_fold,
+        "test_pred_avg": test_pred_avg,
+        "test_blend": test_blend,
+        "best": best,
+    }
     return {"members": members, "ensemble": ensemble, "per_box": per_box}
 
 
@@ -300,15 +325,21 @@ def bootstrap(results: dict[str, dict[str, Any]], n: int, seed: int = 0) -> dict
                 gaps[mode, name] = oof - test
                 add(f"{mode}/{name}/gap", oof - test)
             best = pb["best"]
-            add(f"{mode}/ensemble/oof_gain", f1(pb["oof_true"][o], pb["oof_blend"][o]) - f1(pb["oof_true"][o],
-                pb["oof_pred"][best][o]))  # fmt: skip
-            add(f"{mode}/ensemble/test_gain", f1(pb["test_true"][t], pb["test_blend"][t]) - f1(pb["test_true"][t],
-                pb["test_pred_avg"][best][t]))  # fmt: skip
+            add(
+                f"{mode}/ensemble/oof_gain",
+                f1(pb["oof_true"][o], pb["oof_blend"][o]) - f1(pb["oof_true"][o], pb["oof_pred"][best][o]),
+            )
+            add(
+                f"{mode}/ensemble/test_gain",
+                f1(pb["test_true"][t], pb["test_blend"][t]) - f1(pb["test_true"][t], pb["test_pred_avg"][best][t]),
+            )
         for mode in modes[1:]:
             for name in results[mode]["per_box"]["oof_pred"]:
                 add(f"{mode}-{modes[0]}/{name}/gap_difference", gaps[mode, name] - gaps[modes[0], name])
-    return {k: {"p05": float(np.percentile(v, 5)), "p95": float(np.percentile(v, 95)), "sd": float(np.std(v))}
-            for k, v in samples.items()}  # fmt: skip
+    return {
+        k: {"p05": float(np.percentile(v, 5)), "p95": float(np.percentile(v, 95)), "sd": float(np.std(v))}
+        for k, v in samples.items()
+    }
 
 
 # ------------------------------------------------------------------------------------------------------- reports
@@ -431,8 +462,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 runs[name], seconds = train_member(args, root, name, mode, seed)
                 train_seconds[f"seed{seed}/{mode}/{name}"] = round(seconds, 1)
             results[str(seed)][mode] = evaluate_mode(args, root, runs, mode, seed, truth, test, noisy)
-            log.info("seed %d %s: %s", seed, mode, {n: round(m["gap"], 3) for n, m in
-                                                    results[str(seed)][mode]["members"].items()})  # fmt: skip
+            log.info(
+                "seed %d %s: %s",
+                seed,
+                mode,
+                {n: round(m["gap"], 3) for n, m in results[str(seed)][mode]["members"].items()},
+            )
         for name in args.members:
             curves = [results[str(seed)][m]["members"][name]["val_curves"] for m in args.modes]
             same_training &= all(c == curves[0] for c in curves)

@@ -90,8 +90,9 @@ def folder_crops(data: Path, size: int) -> tuple[np.ndarray, np.ndarray, np.ndar
             labels.append(CLASS_TO_INDEX[cls])
             groups.append(g)
     if skipped:
-        log.warning("%d image(s) of %s could not be read and were skipped: %s", len(skipped), data,
-                    ", ".join(skipped[:5]))  # fmt: skip
+        log.warning(
+            "%d image(s) of %s could not be read and were skipped: %s", len(skipped), data, ", ".join(skipped[:5])
+        )
     if not crops:
         raise CytologiaInputError(f"{data}: no readable image with a box")
     return np.stack(crops), np.array(labels), np.array(groups)
@@ -278,8 +279,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("per-class F1: " + "  ".join(f"{c} {f:.2f}" for c, f in result["per_class_f1"].items()))
     for g in groups_conf:
         names = g["group"]
-        print(f"hard group {'/'.join(names)}: {g['confused_within']} of {g['n']} confused within (rows true, "
-              f"columns predicted {' '.join(names)} other)")  # fmt: skip
+        print(
+            f"hard group {'/'.join(names)}: {g['confused_within']} of {g['n']} confused within (rows true, "
+            f"columns predicted {' '.join(names)} other)"
+        )
         for name, row in zip(names, g["matrix"]):
             print(f"  {name:<9}" + "".join(f"{v:6d}" for v in row))
     line = json.dumps(result)

@@ -134,13 +134,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--yolox-path", type=Path, help="folder holding the official `yolox` package (pip --target)")
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--classes", type=int, nargs="+", default=[80, 1])
-    parser.add_argument("--shapes", type=_shape, nargs="+", default=[_shape(s) for s in SHAPES],
-                        help=f"input shapes HxW (default {' '.join(SHAPES)})")  # fmt: skip
+    parser.add_argument(
+        "--shapes",
+        type=_shape,
+        nargs="+",
+        default=[_shape(s) for s in SHAPES],
+        help=f"input shapes HxW (default {' '.join(SHAPES)})",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-atol", type=float, default=EVAL_ATOL,
-                        help=f"tolerance on max |ours - official| of the eval outputs ({EVAL_ATOL:g})")  # fmt: skip
-    parser.add_argument("--loss-atol", type=float, default=LOSS_ATOL,
-                        help=f"tolerance on |ours - official| of each total loss ({LOSS_ATOL:g})")  # fmt: skip
+    parser.add_argument(
+        "--eval-atol",
+        type=float,
+        default=EVAL_ATOL,
+        help=f"tolerance on max |ours - official| of the eval outputs ({EVAL_ATOL:g})",
+    )
+    parser.add_argument(
+        "--loss-atol",
+        type=float,
+        default=LOSS_ATOL,
+        help=f"tolerance on |ours - official| of each total loss ({LOSS_ATOL:g})",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if args.yolox_path is not None:
@@ -162,8 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     worst = max(r["eval_max_abs_diff"] for r in results.values())
     worst_loss = max(r[f"{k}_loss_abs_diff"] for r in results.values() for k in LOSS_KINDS)
     bad = failures(results, args.eval_atol, args.loss_atol)
-    summary = {"max_abs_diff_eval": worst, "max_abs_diff_loss": worst_loss, "eval_atol": args.eval_atol,
-               "loss_atol": args.loss_atol, "passed": not bad, "results": results}  # fmt: skip
+    summary = {
+        "max_abs_diff_eval": worst,
+        "max_abs_diff_loss": worst_loss,
+        "eval_atol": args.eval_atol,
+        "loss_atol": args.loss_atol,
+        "passed": not bad,
+        "results": results,
+    }
     print(json.dumps({k: v for k, v in summary.items() if k != "results"}))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1) + "\n")

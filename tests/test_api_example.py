@@ -41,8 +41,9 @@ def _demo_layout(root: Path) -> None:
 
     det = run / "detector"
     backend = save_random_detector("yolox_nano", det / "fold_0" / "detector.pt", det / "fold_0" / "detector.onnx", 128)
-    (det / "config.yaml").write_text(yaml.safe_dump({"detector": {"backend": backend, "model": "yolox_nano",
-                                                                  "img_size": 128, "tta_flip": False}}))  # fmt: skip
+    (det / "config.yaml").write_text(
+        yaml.safe_dump({"detector": {"backend": backend, "model": "yolox_nano", "img_size": 128, "tta_flip": False}})
+    )
     oof_boxes = truth[["NAME", "x1", "y1", "x2", "y2"]].assign(score=0.9, model="yolox_nano")
     oof_boxes.to_csv(det / "oof_boxes.csv", index=False)  # every truth box confirmed by its detection
 
@@ -63,8 +64,20 @@ def _demo_layout(root: Path) -> None:
         ]
         write_oof(pd.concat(tables, ignore_index=True), cls / "oof_logits.csv")
         (cls / "summary.json").write_text(json.dumps({"folds": folds}))
-        (cls / "config.yaml").write_text(yaml.safe_dump({"exp_name": name, "classifier": {
-            "name": name, "img_size": 32, "margin": 16, "background": False, "multilabel": False}}))  # fmt: skip
+        (cls / "config.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "exp_name": name,
+                    "classifier": {
+                        "name": name,
+                        "img_size": 32,
+                        "margin": 16,
+                        "background": False,
+                        "multilabel": False,
+                    },
+                }
+            )
+        )
 
 
 def test_readme_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
@@ -86,7 +99,9 @@ def test_readme_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     ensemble = namespace["ensemble"]
     assert [m.oof_model for m in ensemble.cell_members] == ["resnet10t", "test_convnext"]
     assert ensemble.detector is not None and ensemble.tuning["checkpoint_selection"] == {
-        "resnet10t": "last", "test_convnext": "last"}  # fmt: skip
+        "resnet10t": "last",
+        "test_convnext": "last",
+    }
     printed = capsys.readouterr().out.strip().splitlines()
     n_boxes = len(pd.read_csv("data/demo/train.csv"))
     assert printed[0] == f"{n_boxes} of {n_boxes} boxes kept"  # each truth box confirmed by its own detection

@@ -45,9 +45,10 @@ def test_schema_fields_carry_no_default_value() -> None:
     fields = dict(_schema_fields(TrainConfig))
     assert len(fields) > 90  # the walk reaches the nested groups (pipeline.single_stage.train_args, ...)
     written_twice = [
-        key for key, f in fields.items()
+        key
+        for key, f in fields.items()
         if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-    ]  # fmt: skip
+    ]
     assert not written_twice, f"config values belong in configs/*.yaml, not in config.py defaults: {written_twice}"
 
 
@@ -88,9 +89,15 @@ def test_single_stage_settings_are_the_pipeline_group_by_name() -> None:
     demo = check_config(_compose("+exp=demo")).pipeline.single_stage
     settings = settings_from_config(demo, time_min=4.5, clock="cpu", workers=0)
     assert settings == SingleStageSettings(
-        model="yolo11n", img_size=192, epochs=100, time_min=4.5, clock="cpu", batch_size=8, workers=0,
+        model="yolo11n",
+        img_size=192,
+        epochs=100,
+        time_min=4.5,
+        clock="cpu",
+        batch_size=8,
+        workers=0,
         extra={"flipud": 0.5, "nbs": 8, "warmup_epochs": 1},
-    )  # fmt: skip
+    )
     default = check_config(_compose()).pipeline.single_stage
     settings = settings_from_config(default, time_min=float(default.time_min), clock="wall")
     assert (settings.model, settings.img_size, settings.epochs, settings.time_min) == ("yolo11s", 384, 100, 60.0)

@@ -94,8 +94,11 @@ def test_train_py_entry_point(tmp_path: Path) -> None:
     # clear error naming the missing file -- no traceback, non-zero exit.
     out = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "+exp=vitl224", f"paths.output_dir={tmp_path}", "fold=0"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert out.returncode == 1, out.stderr
     assert "train.csv: no such file" in out.stderr and "Traceback" not in out.stderr
     (run,) = list((tmp_path / "vitl224").iterdir())
@@ -105,6 +108,9 @@ def test_train_py_entry_point(tmp_path: Path) -> None:
     assert "vit_large_patch16_224" not in out.stdout
     bad = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), "+exp=vitl224", "+trainer.epochz=3", f"paths.output_dir={tmp_path}"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=120,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert bad.returncode != 0 and "epochz" in bad.stderr

@@ -45,8 +45,15 @@ def hydra_logging(tmp_path: Path) -> Iterator[Setup]:
     own console handler, on the standard error, on the ``lightning`` logger). Call it inside the test, where
     ``capfd`` has replaced the standard streams. Restored afterwards."""
     names = ["", *LIGHTNING_LOGGERS, *RANK_ZERO_LOGGERS]
-    saved = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).propagate, logging.getLogger(n).level,
-                 logging.getLogger(n).filters[:]) for n in names}  # fmt: skip
+    saved = {
+        n: (
+            logging.getLogger(n).handlers[:],
+            logging.getLogger(n).propagate,
+            logging.getLogger(n).level,
+            logging.getLogger(n).filters[:],
+        )
+        for n in names
+    }
     stream = lightning._console.stream
 
     def setup() -> Path:
@@ -159,9 +166,16 @@ def _tiny_fit(root: Path) -> None:
 
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 2)), batch_size=4)
     trainer = lightning.Trainer(
-        max_epochs=1, log_every_n_steps=5, logger=CSVLogger(root), default_root_dir=root, accelerator="cpu",
-        devices=1, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-    )  # fmt: skip
+        max_epochs=1,
+        log_every_n_steps=5,
+        logger=CSVLogger(root),
+        default_root_dir=root,
+        accelerator="cpu",
+        devices=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(Tiny(), data)
 
 
@@ -329,8 +343,9 @@ def _detection_data(root: Path) -> object:
     names = [f"im{i}.jpg" for i in range(4)]
     for name in names:
         cv2.imwrite(str(root / "images" / name), rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
-    table = pd.DataFrame({"NAME": names[:3], "x1": [8.0, 10, 20], "y1": [8.0, 12, 4], "x2": [40.0, 50, 44],
-                          "y2": [36.0, 40, 30]})  # fmt: skip
+    table = pd.DataFrame(
+        {"NAME": names[:3], "x1": [8.0, 10, 20], "y1": [8.0, 12, 4], "x2": [40.0, 50, 44], "y2": [36.0, 40, 30]}
+    )
     folds = pd.DataFrame({"NAME": names, "fold": [0, 0, 1, 1]})
     return DetectionData(table=table, folds=folds, image_dir=root / "images", fold=1, cache_dir=root / "cache")
 
@@ -351,8 +366,15 @@ def test_ultralytics_training_prints_its_progress_bars_not_its_tables(
     create_detector("ultralytics", "yolo11n").train(data, tmp_path / "det", settings)  # type: ignore[arg-type]
     out, err = capfd.readouterr()
     logged = log_file.read_text()
-    for chatter in ("ultralytics.nn.modules.conv.Conv", "YOLO11n summary", "engine/trainer:", "optimizer:",
-                    "epochs completed", "Optimizer stripped", "GPU_mem"):  # fmt: skip
+    for chatter in (
+        "ultralytics.nn.modules.conv.Conv",
+        "YOLO11n summary",
+        "engine/trainer:",
+        "optimizer:",
+        "epochs completed",
+        "Optimizer stripped",
+        "GPU_mem",
+    ):
         assert chatter not in out + err, chatter
         assert chatter in logged, chatter
     assert "1/1" in out + err and "100%" in out + err  # the bar of the one epoch, drawn to its end

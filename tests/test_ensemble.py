@@ -182,9 +182,12 @@ def test_multilabel_member_blends_on_single_cell_images() -> None:
     # multi-cell images are untouched by the image member
     p_cell = blend_probabilities(data.logits[:, :5], with_ml.params.weights)
     p_all = blend_probabilities(
-        data.logits[:, :5], with_ml.params.weights, image_prob=data.image_prob[:5], single_cell=np.zeros(5, bool),
+        data.logits[:, :5],
+        with_ml.params.weights,
+        image_prob=data.image_prob[:5],
+        single_cell=np.zeros(5, bool),
         multilabel_weight=0.5,
-    )  # fmt: skip
+    )
     np.testing.assert_allclose(p_cell, p_all)
     probs = multilabel_probabilities(np.zeros((2, N_CLASSES + 1)))
     np.testing.assert_allclose(probs.sum(axis=1), 1.0)
@@ -199,9 +202,16 @@ def test_class_bias_and_single_fold_check() -> None:
 
 def test_detected_boxes_take_the_best_giou_box() -> None:
     truth = pd.DataFrame(
-        {"NAME": ["a", "a", "b"], "box_id": [0, 1, 2], "x1": [0.0, 50, 0], "y1": [0.0, 50, 0],
-         "x2": [20.0, 80, 30], "y2": [20.0, 80, 30], "class": ["B", "EO", "LY"]}
-    )  # fmt: skip
+        {
+            "NAME": ["a", "a", "b"],
+            "box_id": [0, 1, 2],
+            "x1": [0.0, 50, 0],
+            "y1": [0.0, 50, 0],
+            "x2": [20.0, 80, 30],
+            "y2": [20.0, 80, 30],
+            "class": ["B", "EO", "LY"],
+        }
+    )
     boxes = pd.DataFrame({"NAME": ["a", "a"], "x1": [49.0, 1], "y1": [50.0, 0], "x2": [80.0, 20], "y2": [81.0, 21]})
     logits = np.full((2, N_CLASSES), -5.0)
     logits[0, CLASSES.index("EO")] = 5  # detected box 0 is the EO cell

@@ -19,9 +19,25 @@ spec.loader.exec_module(oof_optimism)
 @pytest.mark.bench
 def test_toy_run_writes_both_modes(tmp_path: Path) -> None:
     out = oof_optimism.main(
-        ["--out", str(tmp_path), "--images", "40", "--synth-size", "96", "--members", "test_convnext,resnet10t",
-         "--img-size", "32", "--epochs", "2", "--batch-size", "4", "--bootstrap", "20"]
-    )  # fmt: skip
+        [
+            "--out",
+            str(tmp_path),
+            "--images",
+            "40",
+            "--synth-size",
+            "96",
+            "--members",
+            "test_convnext,resnet10t",
+            "--img-size",
+            "32",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--bootstrap",
+            "20",
+        ]
+    )
     assert json.loads((tmp_path / "oof_optimism.json").read_text()) == out
     text = (tmp_path / "oof_optimism.md").read_text()
     assert "| last | resnet10t |" in text and "| best_val |" in text and "Selection's own optimism" in text

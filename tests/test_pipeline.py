@@ -49,8 +49,13 @@ def _stub_single_stage(
         if submission is not None:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
             shutil.copyfile(submission, Path(out_dir) / "submission.csv")
-        return {"settings": asdict(settings), "times_s": {"train": 0.0}, "epochs_run": 1, "best_epoch": 1,
-                "predict_ms_per_image": 0.0}  # fmt: skip
+        return {
+            "settings": asdict(settings),
+            "times_s": {"train": 0.0},
+            "epochs_run": 1,
+            "best_epoch": 1,
+            "predict_ms_per_image": 0.0,
+        }
 
     monkeypatch.setattr(single_stage, "run_single_stage", fake)
 
@@ -63,8 +68,14 @@ def test_toy_pipeline_end_to_end_and_resume(tmp_path: Path, monkeypatch: pytest.
     result = train(cfg, run_dir=run_dir)
     assert result["trained"] is True
     data = tmp_path / "data" / "demo"
-    for path in ("detector/oof_boxes.csv", "clean/cleaning_report.csv", "ensemble/ensemble.json",
-                 "predict/submission.csv", "baselines/null_submission.csv", "report/index.html"):  # fmt: skip
+    for path in (
+        "detector/oof_boxes.csv",
+        "clean/cleaning_report.csv",
+        "ensemble/ensemble.json",
+        "predict/submission.csv",
+        "baselines/null_submission.csv",
+        "report/index.html",
+    ):
         assert (run_dir / path).is_file(), path
     sub = read_submission(run_dir / "predict" / "submission.csv", test=read_test(data / "test.csv"))
     assert len(sub) == len(pd.read_csv(data / "test.csv"))
@@ -98,7 +109,12 @@ def test_toy_pipeline_end_to_end_and_resume(tmp_path: Path, monkeypatch: pytest.
     assert trained > 0 and settings.clock == clock and settings.time_min == pytest.approx(round(trained / 60, 3))
     ss = cfg_ss.pipeline.single_stage
     assert (settings.model, settings.img_size, settings.epochs, settings.batch_size, settings.workers) == (
-        ss.model, ss.img_size, ss.epochs, ss.batch_size, 0)  # fmt: skip
+        ss.model,
+        ss.img_size,
+        ss.epochs,
+        ss.batch_size,
+        0,
+    )
     assert settings.extra == {"flipud": 0.5, **ss.train_args} and kwargs["folds_k"] == cfg_ss.folds.k
     assert set(result["scores"]) == {"two-stage", "null", "single-stage"}
 
@@ -152,9 +168,29 @@ def test_single_stage_settings_are_the_ones_the_command_built(exp: list[str], mo
     ss = cfg.pipeline.single_stage
     budget, clock = 3.25, "cpu"
     train_args = [a for k, v in ss.train_args.items() for a in ("--train-arg", f"{k}={v}")]
-    argv = ["--data", "data", "--out", "out", "--model", ss.model, "--epochs", ss.epochs, "--time-min", budget,
-            "--clock", clock, "--img-size", ss.img_size, "--batch-size", ss.batch_size, "--workers", 0,
-            "--folds-k", cfg.folds.k, *train_args]  # fmt: skip
+    argv = [
+        "--data",
+        "data",
+        "--out",
+        "out",
+        "--model",
+        ss.model,
+        "--epochs",
+        ss.epochs,
+        "--time-min",
+        budget,
+        "--clock",
+        clock,
+        "--img-size",
+        ss.img_size,
+        "--batch-size",
+        ss.batch_size,
+        "--workers",
+        0,
+        "--folds-k",
+        cfg.folds.k,
+        *train_args,
+    ]
     seen: list[tuple[Any, dict[str, Any]]] = []
     _stub_single_stage(monkeypatch, seen, None)
     parser = argparse.ArgumentParser()

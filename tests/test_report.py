@@ -63,26 +63,56 @@ def test_report_writes_every_part_and_links_resolve(data: Path, tmp_path: Path) 
     names = list(pd.unique(train["NAME"]))
     folds = pd.DataFrame({"NAME": names, "fold": np.arange(len(names)) % 2})
     cleaning = pd.DataFrame(
-        {"NAME": [names[0], names[0], names[1]], "box_id": [0, 1, 2], "flag": ["unconfirmed", "misplaced", "misplaced"],
-         "action": ["drop_image", "drop_image", "keep"]}
-    )  # fmt: skip
+        {
+            "NAME": [names[0], names[0], names[1]],
+            "box_id": [0, 1, 2],
+            "flag": ["unconfirmed", "misplaced", "misplaced"],
+            "action": ["drop_image", "drop_image", "keep"],
+        }
+    )
     test = pd.read_csv(data / "test.csv", keep_default_na=False)
     null = score(truth, prior_submission(train, test, data / "images"))
     out = tmp_path / "report"
     index = write_report(
-        out, truth, pred, sources=data / "sources.csv", image_dir=data / "images", folds=folds, train=train,
-        cleaning_report=cleaning, stage_times={"detector": 61.0, "classifier": 120.0}, config={"seed": 1, "k": 2},
-        extra_scores={"null": null, "single-stage": {"score": 0.5, "giou": 0.7, "f1": 0.45},
-                      "two-stage": score(truth, pred)},  # the run itself among the others (as the pipeline passes it)
+        out,
+        truth,
+        pred,
+        sources=data / "sources.csv",
+        image_dir=data / "images",
+        folds=folds,
+        train=train,
+        cleaning_report=cleaning,
+        stage_times={"detector": 61.0, "classifier": 120.0},
+        config={"seed": 1, "k": 2},
+        extra_scores={
+            "null": null,
+            "single-stage": {"score": 0.5, "giou": 0.7, "f1": 0.45},
+            "two-stage": score(truth, pred),
+        },  # the run itself among the others (as the pipeline passes it)
         name="two-stage",
-    )  # fmt: skip
+    )
     assert index == out / "index.html"
     expected = {
-        "index.html", "score.json", "comparison.csv", "comparison.png", "stage_times.csv", "per_class_f1.csv",
-        "per_class_f1.png", "confusion.csv", "confusion.png", "per_source.csv", "per_source.png", "errors.csv",
-        "errors.png", "folds.csv", "fold_counts.csv", "cleaning_summary.csv", "cleaning_report.csv", "config.yaml",
+        "index.html",
+        "score.json",
+        "comparison.csv",
+        "comparison.png",
+        "stage_times.csv",
+        "per_class_f1.csv",
+        "per_class_f1.png",
+        "confusion.csv",
+        "confusion.png",
+        "per_source.csv",
+        "per_source.png",
+        "errors.csv",
+        "errors.png",
+        "folds.csv",
+        "fold_counts.csv",
+        "cleaning_summary.csv",
+        "cleaning_report.csv",
+        "config.yaml",
         "files.json",
-    }  # fmt: skip
+    }
     assert expected <= {p.name for p in out.iterdir()}
     for png in out.glob("*.png"):
         head = png.read_bytes()[:8]
@@ -125,8 +155,17 @@ def test_report_writes_every_part_and_links_resolve(data: Path, tmp_path: Path) 
 
 
 def test_confusion_table_orientation_rows_true_columns_pred() -> None:
-    truth = pd.DataFrame({"trustii_id": [1, 2, 3], "NAME": ["a", "b", "c"], "x1": 0, "y1": 0, "x2": 10, "y2": 10,
-                          "class": ["B", "B", "MBL"]})  # fmt: skip
+    truth = pd.DataFrame(
+        {
+            "trustii_id": [1, 2, 3],
+            "NAME": ["a", "b", "c"],
+            "x1": 0,
+            "y1": 0,
+            "x2": 10,
+            "y2": 10,
+            "class": ["B", "B", "MBL"],
+        }
+    )
     pred = truth.assign(**{"class": ["MBL", "B", "MBL"]})
     cm = confusion_table(score(truth, pred))
     assert cm.loc["B", "MBL"] == 1 and cm.loc["MBL", "B"] == 0 and cm.loc["B", "B"] == 1
@@ -134,8 +173,17 @@ def test_confusion_table_orientation_rows_true_columns_pred() -> None:
 
 
 def test_per_source_scores_each_subset_by_the_rules() -> None:
-    truth = pd.DataFrame({"trustii_id": [1, 2, 3, 4], "NAME": ["a", "b", "c", "d"], "x1": 0, "y1": 0, "x2": 10,
-                          "y2": 10, "class": ["B", "MBL", "B", "MBL"]})  # fmt: skip
+    truth = pd.DataFrame(
+        {
+            "trustii_id": [1, 2, 3, 4],
+            "NAME": ["a", "b", "c", "d"],
+            "x1": 0,
+            "y1": 0,
+            "x2": 10,
+            "y2": 10,
+            "class": ["B", "MBL", "B", "MBL"],
+        }
+    )
     pred = truth.assign(**{"class": ["B", "MBL", "MBL", "MBL"]})
     table = per_source_table(score(truth, pred), pd.Series({"a": "S1", "b": "S1", "c": "S2"}))
     by = table.set_index("source")
@@ -182,8 +230,9 @@ def test_bad_inputs_name_the_problem(tmp_path: Path) -> None:
     with pytest.raises(CytologiaInputError, match="lacks f1"):
         write_report(tmp_path / "r", truth, truth, extra_scores={"x": {"score": 1.0, "giou": 1.0}})
     with pytest.raises(CytologiaInputError, match="own name but not its score"):
-        write_report(tmp_path / "r", truth, truth, extra_scores={"run": {"score": 0.5, "giou": 1.0, "f1": 0.4}},
-                     name="run")  # fmt: skip
+        write_report(
+            tmp_path / "r", truth, truth, extra_scores={"run": {"score": 0.5, "giou": 1.0, "f1": 0.4}}, name="run"
+        )
     with pytest.raises(CytologiaInputError, match="no such file"):
         write_report(tmp_path / "r", tmp_path / "missing.csv", truth)
     with pytest.raises(CytologiaInputError, match=r"row 2 \('x'\)"):
@@ -199,8 +248,21 @@ def test_report_command_builds_the_folder_from_files(data: Path, tmp_path: Path)
     other = tmp_path / "other.csv"
     truth.to_csv(other, index=False)
     out = tmp_path / "rep"
-    argv = ["report", "--truth", str(data / "test_labels.csv"), "--pred", str(pred_csv), "--data", str(data),
-            "--out", str(out), "--compare", f"perfect={other}", "--gallery", "4"]  # fmt: skip
+    argv = [
+        "report",
+        "--truth",
+        str(data / "test_labels.csv"),
+        "--pred",
+        str(pred_csv),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--compare",
+        f"perfect={other}",
+        "--gallery",
+        "4",
+    ]
     assert main(argv) == 0
     assert {"index.html", "errors.png", "per_source.png", "comparison.csv"} <= {p.name for p in out.iterdir()}
     assert pd.read_csv(out / "comparison.csv")["score"].iloc[1] == pytest.approx(1.0)

@@ -51,8 +51,9 @@ def test_known_count_keeps_top_n_with_their_classes_and_pads_with_the_prior_clas
     b = sub[sub["NAME"] == "b.jpg"].iloc[0]
     assert b["class"] == "PNN"
     side = 0.40 * 60  # single-cell image without a detection: the centred prior box (fusion.PRIOR_REL_SIDE)
-    assert [b["x1"], b["y1"], b["x2"], b["y2"]] == pytest.approx([40 - side / 2, 30 - side / 2, 40 + side / 2,
-                                                                  30 + side / 2])  # fmt: skip
+    assert [b["x1"], b["y1"], b["x2"], b["y2"]] == pytest.approx(
+        [40 - side / 2, 30 - side / 2, 40 + side / 2, 30 + side / 2]
+    )
     c = sub[sub["NAME"] == "c.jpg"]
     assert c["class"].tolist() == [CLASSES[0], "PNN"]
     assert c.iloc[1][["x1", "y1", "x2", "y2"]].tolist() == [0, 0, 50, 50]  # partial image: the full-image pad
@@ -101,8 +102,16 @@ def _image(path: Path, w: int, h: int) -> None:
 def test_multiclass_dataset_labels_carry_the_class_index(tmp_path: Path) -> None:
     for name in ("a.jpg", "b.jpg"):
         _image(tmp_path / "images" / name, 100, 50)
-    table = pd.DataFrame({"NAME": ["a.jpg", "b.jpg"], "x1": [10.0, 0.0], "y1": [10.0, 0.0], "x2": [30.0, 50.0],
-                          "y2": [40.0, 50.0], "class": ["MBL", "B"]})  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "NAME": ["a.jpg", "b.jpg"],
+            "x1": [10.0, 0.0],
+            "y1": [10.0, 0.0],
+            "x2": [30.0, 50.0],
+            "y2": [40.0, 50.0],
+            "class": ["MBL", "B"],
+        }
+    )
     folds = pd.DataFrame({"NAME": ["a.jpg", "b.jpg"], "fold": [0, 1]})
     data = DetectionData(table, folds, tmp_path / "images", fold=1, cache_dir=tmp_path / "cache")
     data_yaml, counts = write_yolo_dataset(data, class_names=CLASSES)
@@ -145,10 +154,31 @@ def test_single_stage_command_trains_predicts_and_scores(
 ) -> None:
     out = tmp_path / "run"
     # a 0.1 CPU-minute budget with epochs=50: ultralytics' time limit, counted in process CPU seconds, ends training
-    argv = ["single-stage", "--data", str(tiny_set), "--out", str(out), "--epochs", "50", "--time-min", "0.1",
-            "--clock", "cpu",
-            "--img-size", "128", "--batch-size", "8", "--device", "cpu", "--workers", "0",
-            "--folds-k", "2", "--train-arg", "nbs=8"]  # fmt: skip
+    argv = [
+        "single-stage",
+        "--data",
+        str(tiny_set),
+        "--out",
+        str(out),
+        "--epochs",
+        "50",
+        "--time-min",
+        "0.1",
+        "--clock",
+        "cpu",
+        "--img-size",
+        "128",
+        "--batch-size",
+        "8",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--folds-k",
+        "2",
+        "--train-arg",
+        "nbs=8",
+    ]
     assert main(argv) == 0
     assert (out / "single_stage.pt").is_file()
     test = read_test(tiny_set / "test.csv")

@@ -250,8 +250,9 @@ def check_config(cfg: DictConfig | dict) -> DictConfig:
         raise CytologiaInputError(f"invalid config: {err}") from None
     missing = sorted(OmegaConf.missing_keys(typed))
     if missing:  # the schema has no defaults: every key takes its value from configs/ (or an override)
-        raise CytologiaInputError(f"config key(s) without a value (add them to their configs/ group file): "
-                                  f"{', '.join(missing)}")  # fmt: skip
+        raise CytologiaInputError(
+            f"config key(s) without a value (add them to their configs/ group file): {', '.join(missing)}"
+        )
     _choice(typed.stage, STAGES, "stage")
     _choice(typed.folds.mode, FOLD_MODES, "folds.mode")
     _choice(typed.classifier.loss.name, LOSSES, "classifier.loss.name")

@@ -26,14 +26,20 @@ import warnings
 
 # Loggers Lightning may give a console handler of its own (the unified package and the standalone ones).
 LIGHTNING_LOGGERS: tuple[str, ...] = (
-    "lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric",
-)  # fmt: skip
+    "lightning",
+    "lightning.pytorch",
+    "lightning.fabric",
+    "pytorch_lightning",
+    "lightning_fabric",
+)
 # Loggers rank_zero_info() writes through (each Lightning package points lightning_utilities' helper at its own).
 RANK_ZERO_LOGGERS: tuple[str, ...] = (
-    "lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-    "pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero",
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+    "pytorch_lightning.utilities.rank_zero",
+    "lightning_fabric.utilities.rank_zero",
     "lightning_utilities.core.rank_zero",
-)  # fmt: skip
+)
 TIP_PREFIX = "💡 Tip:"  # Lightning's suggestions to install its cloud services (litlogger, litmodels)
 ULTRALYTICS_LOGGER = "ultralytics"  # ultralytics.utils.LOGGER: it gives it a console handler of its own at import
 # (category, message regex) of third-party warnings that are not about anything a user of this library can change:

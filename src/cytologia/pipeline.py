@@ -138,8 +138,12 @@ def _cleaned_or_original(root: Path, clean_dir: Path, out: Path, min_kept: float
         log.warning(
             "cleaning would keep %.0f %% of the boxes (%d of %d; %d detections confirmed anything): the detector is "
             "too weak to clean with, so the classifiers train on the original boxes (pipeline.clean_min_kept=%.2f)",
-            100 * kept, counts["boxes_kept"], counts["boxes"], counts.get("detections", -1), min_kept,
-        )  # fmt: skip
+            100 * kept,
+            counts["boxes_kept"],
+            counts["boxes"],
+            counts.get("detections", -1),
+            min_kept,
+        )
         return root
     _clean_data_folder(root, clean_dir, out)
     return out
@@ -185,8 +189,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, object]:
         if spec.get("background", False):
             overrides["classifier.background_table"] = str(bg_dir / "background.csv")
         # exp_name names the member's OOF logits (the ensemble tells members apart by it)
-        sub = _with(cfg, **{"data.root": str(cls_root), "stage": "classifier", "fold": None, "exp_name": name,
-                            **overrides})  # fmt: skip
+        sub = _with(
+            cfg, **{"data.root": str(cls_root), "stage": "classifier", "fold": None, "exp_name": name, **overrides}
+        )
         steps(f"classifier {name}", out / "summary.json", lambda sub=sub, out=out: _classifier(sub, out))
 
     ens = run_dir / "ensemble" / "ensemble.json"
@@ -201,21 +206,33 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, object]:
     ss_dir = run_dir / "baselines" / "single_stage"
     if ss.enabled:
         clock = resolve_clock(str(ss.clock))
-        budget_min = single_stage_budget(steps.cpu if clock == "cpu" else steps.times, float(ss.time_min),
-                                         bool(ss.match_budget))  # fmt: skip
+        budget_min = single_stage_budget(
+            steps.cpu if clock == "cpu" else steps.times, float(ss.time_min), bool(ss.match_budget)
+        )
         record = OmegaConf.to_container(ss, resolve=True)
-        steps("single-stage baseline", ss_dir / "submission.csv", lambda: _single_stage(
-            root, ss_dir, single_stage_settings(record, budget_min, clock), int(cfg.folds.k),
-        ))  # fmt: skip
+        steps(
+            "single-stage baseline",
+            ss_dir / "submission.csv",
+            lambda: _single_stage(
+                root,
+                ss_dir,
+                single_stage_settings(record, budget_min, clock),
+                int(cfg.folds.k),
+            ),
+        )
 
     truth = root / "test_labels.csv"
     scores = _scores(truth, {"two-stage": sub_path, "single-stage": ss_dir / "submission.csv", "null": null_path})
     report_dir = run_dir / "report"
     steps("report", None, lambda: _report(cfg, run_dir, root, truth, sub_path, scores, report_dir))
     summary = {
-        "scores": scores, "stage_times_s": steps.times, "stage_cpu_seconds": steps.cpu,
-        "single_stage": _single_stage_metrics(ss_dir), "exp_name": str(cfg.exp_name), "seed": int(cfg.seed),
-    }  # fmt: skip
+        "scores": scores,
+        "stage_times_s": steps.times,
+        "stage_cpu_seconds": steps.cpu,
+        "single_stage": _single_stage_metrics(ss_dir),
+        "exp_name": str(cfg.exp_name),
+        "seed": int(cfg.seed),
+    }
     (run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
     line = "  ".join(f"{k} {v['score']:.4f}" for k, v in scores.items())
     total = sum(steps.times.values())
@@ -277,8 +294,11 @@ def single_stage_budget(times: dict[str, float], time_min: float, match: bool) -
         log.warning("no two-stage training times in %s: single-stage budget time_min=%s", TIMES_FILE, time_min)
         return time_min
     budget = round(sum(trained.values()) / 60.0, 3)
-    log.info("single-stage budget %.2f min = the two-stage training time of this run (%s)", budget,
-             " + ".join(f"{k} {v:.0f} s" for k, v in trained.items()))  # fmt: skip
+    log.info(
+        "single-stage budget %.2f min = the two-stage training time of this run (%s)",
+        budget,
+        " + ".join(f"{k} {v:.0f} s" for k, v in trained.items()),
+    )
     return budget
 
 
@@ -360,9 +380,16 @@ def _background(cfg: DictConfig, root: Path, clean_dir: Path, out: Path) -> None
             exclude = sorted(set(flagged.loc[flagged["flag"].astype(str) != "", "NAME"]))
     table = read_train(cfg, root)
     make_background_set(
-        table, root / "images", read_folds(root / FOLDS_FILE), out, n, seed=int(cfg.seed), exclude=exclude,
-        max_cells=1, workers=max(1, min(4, os.cpu_count() or 1)),
-    )  # fmt: skip
+        table,
+        root / "images",
+        read_folds(root / FOLDS_FILE),
+        out,
+        n,
+        seed=int(cfg.seed),
+        exclude=exclude,
+        max_cells=1,
+        workers=max(1, min(4, os.cpu_count() or 1)),
+    )
 
 
 def _scores(truth: Path, preds: dict[str, Path]) -> dict[str, dict[str, float]]:
@@ -393,8 +420,16 @@ def _report(
         return path if path.is_file() else None
 
     write_report(
-        out, truth, pred, sources=present(root / "sources.csv"), image_dir=root / "images",
-        folds=present(root / FOLDS_FILE), train=present(root / "train.csv"),
+        out,
+        truth,
+        pred,
+        sources=present(root / "sources.csv"),
+        image_dir=root / "images",
+        folds=present(root / FOLDS_FILE),
+        train=present(root / "train.csv"),
         cleaning_report=present(run_dir / "clean" / "cleaning_report.csv"),
-        stage_times=json.loads((run_dir / TIMES_FILE).read_text()), config=cfg, extra_scores=scores, name="two-stage",
-    )  # fmt: skip
+        stage_times=json.loads((run_dir / TIMES_FILE).read_text()),
+        config=cfg,
+        extra_scores=scores,
+        name="two-stage",
+    )

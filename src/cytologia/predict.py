@@ -101,9 +101,15 @@ def predict_folder(
         raise CytologiaInputError(f"{data / 'test.csv'}: known-count mode needs it (or use --mode open-world)")
     ens = read_ensemble(ensemble) if isinstance(ensemble, (str, Path)) else ensemble
     pipe = Pipeline(
-        ens, runtime=runtime, device=device, threads=threads, tta_flip=tta_flip, int8=int8, batch_size=batch_size,
+        ens,
+        runtime=runtime,
+        device=device,
+        threads=threads,
+        tta_flip=tta_flip,
+        int8=int8,
+        batch_size=batch_size,
         workers=workers,
-    )  # fmt: skip
+    )
     paths = [images / n for n in names]
     lines: list[str] = []
     if int8 == "measure":

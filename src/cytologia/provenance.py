@@ -18,10 +18,24 @@ CONFIG_FILE = "config.yaml"  # the resolved config in a run folder (write_run_in
 
 # Packages whose versions change results; recorded when installed.
 TRACKED_PACKAGES: tuple[str, ...] = (
-    "cytologia", "torch", "torchvision", "lightning", "timm", "ultralytics", "albumentations", "onnx", "onnxruntime",
-    "onnxruntime-gpu", "numpy", "pandas", "opencv-python-headless", "scikit-learn", "iterative-stratification",
-    "hydra-core", "omegaconf",
-)  # fmt: skip
+    "cytologia",
+    "torch",
+    "torchvision",
+    "lightning",
+    "timm",
+    "ultralytics",
+    "albumentations",
+    "onnx",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "numpy",
+    "pandas",
+    "opencv-python-headless",
+    "scikit-learn",
+    "iterative-stratification",
+    "hydra-core",
+    "omegaconf",
+)
 
 
 def git_state(repo: Path | None = None) -> dict[str, object]:

@@ -132,18 +132,27 @@ def per_source_table(result: ScoreResult, sources: pd.Series) -> pd.DataFrame:
     src = m["NAME"].map(sources)
     unknown = src.isna()
     if unknown.any():
-        log.warning("%d truth image(s) have no source in sources.csv: grouped as %r", m.loc[unknown, "NAME"].nunique(),
-                    UNKNOWN_SOURCE)  # fmt: skip
+        log.warning(
+            "%d truth image(s) have no source in sources.csv: grouped as %r",
+            m.loc[unknown, "NAME"].nunique(),
+            UNKNOWN_SOURCE,
+        )
     src = src.fillna(UNKNOWN_SOURCE).astype(str)
     rows = []
     for name, part in m.groupby(src.to_numpy(), sort=True):
         f1 = macro_f1(part["class"].to_numpy(), part["pred_class"].to_numpy())[0]
         giou = float(part["giou_rescaled"].mean())
-        rows.append({
-            "source": name, "n_images": int(part["NAME"].nunique()), "n_boxes": len(part),
-            "score": GIOU_WEIGHT * giou + F1_WEIGHT * f1, "giou": giou, "f1": f1,
-            "accuracy": float((part["class"] == part["pred_class"]).mean()),
-        })  # fmt: skip
+        rows.append(
+            {
+                "source": name,
+                "n_images": int(part["NAME"].nunique()),
+                "n_boxes": len(part),
+                "score": GIOU_WEIGHT * giou + F1_WEIGHT * f1,
+                "giou": giou,
+                "f1": f1,
+                "accuracy": float((part["class"] == part["pred_class"]).mean()),
+            }
+        )
     return pd.DataFrame(rows, columns=["source", "n_images", "n_boxes", "score", "giou", "f1", "accuracy"])
 
 
@@ -162,8 +171,9 @@ def worst_errors(result: ScoreResult, pred: pd.DataFrame, n: int) -> pd.DataFram
     pbox = np.full((len(errors), 4), np.nan)
     has = rows >= 0
     if has.any():
-        pbox[has] = np.column_stack([pd.to_numeric(pred[c], errors="coerce").to_numpy(np.float64)[rows[has]]
-                                     for c in BOX_COLUMNS])  # fmt: skip
+        pbox[has] = np.column_stack(
+            [pd.to_numeric(pred[c], errors="coerce").to_numpy(np.float64)[rows[has]] for c in BOX_COLUMNS]
+        )
     out = errors[["trustii_id", "NAME", "class", "pred_class", "giou", "giou_rescaled", "kind"]].reset_index(drop=True)
     for j, c in enumerate(BOX_COLUMNS):
         out[f"p_{c}"] = pbox[:, j]
@@ -231,8 +241,16 @@ def plot_per_class(table: pd.DataFrame, path: Path, macro: float) -> Path:
     ax.invert_yaxis()
     ax.set_xlim(0, 1.12)
     ax.axvline(macro, color="#d62728", linestyle="--", linewidth=1)
-    ax.text(macro, 1.005, f"macro-F1 {macro:.3f}", color="#d62728", fontsize=8, ha="center", va="bottom",
-            transform=ax.get_xaxis_transform())  # fmt: skip
+    ax.text(
+        macro,
+        1.005,
+        f"macro-F1 {macro:.3f}",
+        color="#d62728",
+        fontsize=8,
+        ha="center",
+        va="bottom",
+        transform=ax.get_xaxis_transform(),
+    )
     for yi, v, inm in zip(y, table["f1"], table["in_macro"]):
         ax.text((0.0 if np.isnan(v) else v) + 0.01, yi, "absent" if not inm else f"{v:.2f}", va="center", fontsize=7)
     ax.set_xlabel("F1 (grey: label absent from truth and predictions, not in the macro average)")
@@ -254,8 +272,15 @@ def plot_grouped_bars(
         values = table[metric].to_numpy(np.float64)
         bars = ax.bar(x + (j - (m - 1) / 2) * width, values, width, label=metric, color=colours[j % len(colours)])
         for bar, v in zip(bars, values):
-            ax.text(bar.get_x() + bar.get_width() / 2, v + 0.01, f"{v:.3f}", ha="center", va="bottom", fontsize=7,
-                    rotation=90 if n * m > 12 else 0)  # fmt: skip
+            ax.text(
+                bar.get_x() + bar.get_width() / 2,
+                v + 0.01,
+                f"{v:.3f}",
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                rotation=90 if n * m > 12 else 0,
+            )
     labels = [str(v) for v in table[key]]
     if "n_boxes" in table.columns:
         labels = [f"{lab}\n(n={b})" for lab, b in zip(labels, table["n_boxes"])]
@@ -302,8 +327,9 @@ def plot_gallery(errors: pd.DataFrame, truth: pd.DataFrame, image_dir: Path, pat
         crops.append((row, image[y1:y2, x1:x2], box - [x1, y1, x1, y1], pbox - [x1, y1, x1, y1]))
         shown.append(True)
     if not all(shown):
-        log.warning("gallery: %d of %d error image(s) could not be read and are left out", shown.count(False),
-                    len(shown))  # fmt: skip
+        log.warning(
+            "gallery: %d of %d error image(s) could not be read and are left out", shown.count(False), len(shown)
+        )
     n = max(len(crops), 1)
     cols = min(GALLERY_COLUMNS, n)
     rows = int(np.ceil(n / cols))
@@ -320,15 +346,28 @@ def plot_gallery(errors: pd.DataFrame, truth: pd.DataFrame, image_dir: Path, pat
     for k, (row, crop, tb, pb) in enumerate(crops):
         ax = fig.add_subplot(rows, cols, k + 1)
         ax.imshow(crop, interpolation="bilinear")
-        ax.add_patch(Rectangle((tb[0], tb[1]), tb[2] - tb[0], tb[3] - tb[1], fill=False, edgecolor=TRUTH_COLOUR,
-                               linewidth=2))  # fmt: skip
+        ax.add_patch(
+            Rectangle((tb[0], tb[1]), tb[2] - tb[0], tb[3] - tb[1], fill=False, edgecolor=TRUTH_COLOUR, linewidth=2)
+        )
         if np.isfinite(pb).all():
-            ax.add_patch(Rectangle((pb[0], pb[1]), pb[2] - pb[0], pb[3] - pb[1], fill=False, edgecolor=PRED_COLOUR,
-                                   linewidth=1.6, linestyle="--"))  # fmt: skip
+            ax.add_patch(
+                Rectangle(
+                    (pb[0], pb[1]),
+                    pb[2] - pb[0],
+                    pb[3] - pb[1],
+                    fill=False,
+                    edgecolor=PRED_COLOUR,
+                    linewidth=1.6,
+                    linestyle="--",
+                )
+            )
         giou = "no prediction" if not np.isfinite(row["giou"]) else f"GIoU {row['giou']:.2f}"
         wrong = row["class"] != row["pred_class"]
-        ax.set_title(f"T {row['class']} / P {row['pred_class']}\n{giou}  {row['NAME'][:14]}", fontsize=7.5,
-                     color="#b00000" if wrong else "black")  # fmt: skip
+        ax.set_title(
+            f"T {row['class']} / P {row['pred_class']}\n{giou}  {row['NAME'][:14]}",
+            fontsize=7.5,
+            color="#b00000" if wrong else "black",
+        )
         ax.set_xlim(0, crop.shape[1])
         ax.set_ylim(crop.shape[0], 0)
         ax.set_xticks([])
@@ -497,16 +536,21 @@ def write_report(
     # --- summary and comparison
     summary = pd.DataFrame(
         [
-            ("score", result.score), ("mean rescaled GIoU", result.giou), ("macro-F1", result.f1),
-            ("truth boxes", result.n_truth), ("truth images", result.n_images),
+            ("score", result.score),
+            ("mean rescaled GIoU", result.giou),
+            ("macro-F1", result.f1),
+            ("truth boxes", result.n_truth),
+            ("truth images", result.n_images),
             ("images without a prediction", result.n_images_without_prediction),
             ("labels in the macro average", len(result.labels)),
             ("prediction rows (kept)", f"{result.n_pred_rows} ({result.n_pred_kept})"),
         ],
         columns=["", name],
-    )  # fmt: skip
-    parts = [f"<h2>Summary</h2>{_html_table(summary)}<p>score = {GIOU_WEIGHT} x GIoU + {F1_WEIGHT} x macro-F1; "
-             f"details in {link('score', out / 'score.json')}</p>"]  # fmt: skip
+    )
+    parts = [
+        f"<h2>Summary</h2>{_html_table(summary)}<p>score = {GIOU_WEIGHT} x GIoU + {F1_WEIGHT} x macro-F1; "
+        f"details in {link('score', out / 'score.json')}</p>"
+    ]
     if extras:
         rows = [{"approach": name, **_score_summary(result, name)}] + [{"approach": k, **v} for k, v in extras.items()]
         comparison = pd.DataFrame(rows, columns=["approach", "score", "giou", "f1"])
@@ -557,9 +601,11 @@ def write_report(
 
     # --- errors
     errors = worst_errors(result, pred_t, n_gallery)
-    text = (f"{int(((result.matched['class'] != result.matched['pred_class'])).sum())} misclassified and "
-            f"{int((~(result.matched['giou'] >= BAD_GIOU)).sum())} badly localised (GIoU &lt; {BAD_GIOU}) of "
-            f"{result.n_truth} truth boxes; the {len(errors)} worst:")  # fmt: skip
+    text = (
+        f"{int((result.matched['class'] != result.matched['pred_class']).sum())} misclassified and "
+        f"{int((~(result.matched['giou'] >= BAD_GIOU)).sum())} badly localised (GIoU &lt; {BAD_GIOU}) of "
+        f"{result.n_truth} truth boxes; the {len(errors)} worst:"
+    )
     if image_dir is not None:
         g_png, shown = plot_gallery(errors, truth_t, Path(image_dir), out / "errors.png")
         errors["shown"] = shown

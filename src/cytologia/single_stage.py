@@ -122,9 +122,15 @@ def settings_from_config(
     from cytologia.config import settings_from
 
     return settings_from(
-        SingleStageSettings, record, rename={"train_args": "extra"}, skip=NOT_SETTINGS,
-        source="pipeline.single_stage", time_min=time_min, clock=clock, **given,
-    )  # fmt: skip
+        SingleStageSettings,
+        record,
+        rename={"train_args": "extra"},
+        skip=NOT_SETTINGS,
+        source="pipeline.single_stage",
+        time_min=time_min,
+        clock=clock,
+        **given,
+    )
 
 
 @dataclass
@@ -218,9 +224,15 @@ def _trainer_class(pad_class: str) -> type:
         def postprocess(self, preds: torch.Tensor) -> list[dict[str, torch.Tensor]]:
             """NMS as prediction runs it: class-agnostic, one best class per box, no time limit."""
             outputs = non_max_suppression(
-                preds, self.args.conf, self.args.iou, nc=0, multi_label=False, agnostic=True,
-                max_det=self.args.max_det, max_time_img=float("inf"),
-            )  # fmt: skip
+                preds,
+                self.args.conf,
+                self.args.iou,
+                nc=0,
+                multi_label=False,
+                agnostic=True,
+                max_det=self.args.max_det,
+                max_time_img=float("inf"),
+            )
             return [{"bboxes": x[:, :4], "conf": x[:, 4], "cls": x[:, 5], "extra": x[:, 6:]} for x in outputs]
 
         def update_metrics(self, preds: list[dict[str, torch.Tensor]], batch: dict[str, Any]) -> None:
@@ -298,15 +310,21 @@ def train_single_stage(
 
     start, cpu_start = time.perf_counter(), cpu_seconds()
     out_dir = Path(out_dir)
-    owned = sorted({"data", "project", "name", "exist_ok", "single_cls", "model", "task", "mode", "resume", "time"}
-                   & set(settings.extra))  # fmt: skip
+    owned = sorted(
+        {"data", "project", "name", "exist_ok", "single_cls", "model", "task", "mode", "resume", "time"}
+        & set(settings.extra)
+    )
     if owned:
         raise CytologiaInputError(f"single-stage extra arguments may not set {', '.join(owned)} (set here)")
     cache = Path(cache_dir) if cache_dir is not None else out_dir / "cache"
     data = DetectionData(
-        table=table, folds=folds, image_dir=Path(image_dir), fold=int(fold), cache_dir=cache,
+        table=table,
+        folds=folds,
+        image_dir=Path(image_dir),
+        fold=int(fold),
+        cache_dir=cache,
         repaired_dir=Path(repaired_dir) if repaired_dir is not None else None,
-    )  # fmt: skip
+    )
     data_yaml, counts = write_yolo_dataset(data, class_names=CLASSES)
     trained_on = table["NAME"].isin(folds.loc[folds["fold"] != fold, "NAME"])
     pad_class = prior_class(table[trained_on] if trained_on.any() else table)
@@ -347,8 +365,11 @@ def train_single_stage(
     yolo.add_callback("on_train_epoch_start", lambda _t: clock.__setitem__("start", time.perf_counter()))
     yolo.add_callback("on_train_epoch_end", lambda _t: epoch_seconds.append(time.perf_counter() - clock["start"]))
     if settings.clock == "cpu" and settings.time_min is not None and int(args["workers"]) > 0:
-        log.warning("cpu clock with %s data-loading workers: their CPU time counts only when they exit (each "
-                    "epoch); workers=0 makes the budget exact", args["workers"])  # fmt: skip
+        log.warning(
+            "cpu clock with %s data-loading workers: their CPU time counts only when they exit (each "
+            "epoch); workers=0 makes the budget exact",
+            args["workers"],
+        )
     import ultralytics.engine.trainer as ul_trainer
 
     # ultralytics plans its `time` budget with time.time() in its trainer module: on the cpu clock that reads
@@ -405,9 +426,15 @@ def predict_boxes(
     if found != CLASSES:
         raise CytologiaInputError(f"{checkpoint}: not a single-stage checkpoint of the 23 classes (names {found})")
     table = detect_with_classes(
-        detector.forward_fn(device), image_paths, names, img_size=img_size, conf=conf, iou=iou, max_det=max_det,
+        detector.forward_fn(device),
+        image_paths,
+        names,
+        img_size=img_size,
+        conf=conf,
+        iou=iou,
+        max_det=max_det,
         batch_size=batch_size,
-    )  # fmt: skip
+    )
     return table.drop(columns="tta")
 
 
@@ -424,9 +451,16 @@ def predict_submission(
     names = list(pd.unique(test["NAME"].astype(str)))
     start = time.perf_counter()
     boxes = predict_boxes(
-        checkpoint, [image_dir / n for n in names], names, img_size=settings.img_size, conf=settings.conf,
-        iou=settings.nms_iou, max_det=settings.max_det, batch_size=settings.predict_batch, device=settings.device,
-    )  # fmt: skip
+        checkpoint,
+        [image_dir / n for n in names],
+        names,
+        img_size=settings.img_size,
+        conf=settings.conf,
+        iou=settings.nms_iou,
+        max_det=settings.max_det,
+        batch_size=settings.predict_batch,
+        device=settings.device,
+    )
     seconds = time.perf_counter() - start
     return known_count_submission(boxes, test, _image_sizes(image_dir, names), pad_class), boxes, seconds
 
@@ -503,7 +537,7 @@ def run_single_stage(
             "time_min": settings.time_min,
             "clock": settings.clock,
             "device": settings.device,
-        },  # fmt: skip
+        },
         "train_cpu_seconds": result.cpu_seconds,
         "fold": int(fold),
         "best_epoch": result.best_epoch,

@@ -113,9 +113,13 @@ class LoadReport:
 
 
 def load_state_dict_checked(
-    model: Any, state: dict[str, Any], *, allow_missing: tuple[str, ...] = (), skip_mismatched: tuple[str, ...] = (),
+    model: Any,
+    state: dict[str, Any],
+    *,
+    allow_missing: tuple[str, ...] = (),
+    skip_mismatched: tuple[str, ...] = (),
     source: str = "checkpoint",
-) -> LoadReport:  # fmt: skip
+) -> LoadReport:
     """Load ``state`` into a torch ``model`` strictly; raise naming every key that did not match.
 
     Keys starting with a prefix in ``skip_mismatched`` are left at the model's init when their shape differs or they

@@ -47,8 +47,12 @@ def test_ddp_two_cpu_processes_gloo(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")}
     out = subprocess.run(  # the engine picks a free port for the process group
         [sys.executable, str(script), str(CONFIGS), str(data), str(run)],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr[-4000:]
 
     result = json.loads((run / "fold_0" / "result.json").read_text())

@@ -95,9 +95,14 @@ def test_last_checkpoint_follows_every_epoch_even_without_improvement(tmp_path: 
     data = DataLoader(torch.randn(8, 2), batch_size=4)
     best, last = checkpoint_callbacks(tmp_path)
     trainer = L.Trainer(
-        max_epochs=3, callbacks=[best, last], logger=False, enable_progress_bar=False, enable_model_summary=False,
-        accelerator="cpu", num_sanity_val_steps=0,
-    )  # fmt: skip
+        max_epochs=3,
+        callbacks=[best, last],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        num_sanity_val_steps=0,
+    )
     trainer.fit(_Constant(), data, data)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.ckpt", "last.ckpt"]
     read = lambda name: load_checkpoint(tmp_path / name)  # noqa: E731
@@ -167,9 +172,15 @@ def test_mixed_precision_steps_on_cuda(tmp_path: Path) -> None:
     precision = resolve_precision("auto", "cuda")
     module = _module()
     trainer = L.Trainer(
-        accelerator="cuda", devices=1, precision=precision, max_epochs=1, logger=False, enable_progress_bar=False,
-        callbacks=list(checkpoint_callbacks(tmp_path)), enable_model_summary=False,
-    )  # fmt: skip
+        accelerator="cuda",
+        devices=1,
+        precision=precision,
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=list(checkpoint_callbacks(tmp_path)),
+        enable_model_summary=False,
+    )
     loader = DataLoader(_Crops(16), batch_size=8)
     trainer.fit(module, loader, loader)
     assert trainer.global_step == 2 and math.isfinite(float(trainer.callback_metrics[MONITOR]))

@@ -171,8 +171,9 @@ def test_multilabel_module_trains_on_multi_hot_targets() -> None:
     with pytest.raises(CytologiaInputError, match="softmax loss"):
         ClassifierModule(TINY, list(CLASSES), 32, loss={"name": "cross_entropy"}, multilabel=True)
     torch.manual_seed(0)
-    module = ClassifierModule(TINY, list(labels(True)), 32, loss={"name": "focal_multilabel", "gamma": 2.0},
-                              multilabel=True)  # fmt: skip
+    module = ClassifierModule(
+        TINY, list(labels(True)), 32, loss={"name": "focal_multilabel", "gamma": 2.0}, multilabel=True
+    )
     assert module.hparams["multilabel"] is True and module.n_cell_classes == 23
     g = torch.Generator().manual_seed(0)
     batch = {"image": torch.randn(8, 3, 32, 32, generator=g), "target": torch.zeros(8, 24)}
@@ -232,11 +233,21 @@ def _cfg(data_root: Path, out: Path, *overrides: str):
         return compose(
             config_name="train",
             overrides=[
-                f"+exp={EXP}", "trainer=cpu_tiny", f"data.root={data_root}", "data.synthetic=false",
-                f"paths.output_dir={out}", f"classifier.name={TINY}", "classifier.img_size=32", "folds.k=2", "fold=0",
-                "trainer.batch_size=4", "trainer.max_epochs=1", "trainer.lr=3e-3", *overrides,
+                f"+exp={EXP}",
+                "trainer=cpu_tiny",
+                f"data.root={data_root}",
+                "data.synthetic=false",
+                f"paths.output_dir={out}",
+                f"classifier.name={TINY}",
+                "classifier.img_size=32",
+                "folds.k=2",
+                "fold=0",
+                "trainer.batch_size=4",
+                "trainer.max_epochs=1",
+                "trainer.lr=3e-3",
+                *overrides,
             ],
-        )  # fmt: skip
+        )
 
 
 def test_experiment_trains_with_background_images(data_root: Path, tmp_path: Path) -> None:
@@ -297,9 +308,13 @@ def test_without_background_the_model_has_23_labels_and_follows_detected_boxes(d
     boxes_path = tmp_path / "boxes.csv"
     detected.to_csv(boxes_path, index=False)
     cfg = _cfg(
-        data_root, tmp_path, "classifier.background=false", "classifier.loss.name=bce",
-        "ensemble.tta_flip=false", f"classifier.boxes={boxes_path}",
-    )  # fmt: skip
+        data_root,
+        tmp_path,
+        "classifier.background=false",
+        "classifier.loss.name=bce",
+        "ensemble.tta_flip=false",
+        f"classifier.boxes={boxes_path}",
+    )
     result = train(cfg, run_dir=tmp_path / "run")
     oof = read_oof(tmp_path / "run" / "fold_0" / "oof_logits.csv")
     assert set(oof["model"]) == {f"ml:{EXP}"} and logits_of(oof).shape[1] == len(CLASSES)

@@ -46,11 +46,21 @@ def _cfg(data_root: Path, out: Path, *overrides: str) -> Any:
         return compose(
             config_name="train",
             overrides=[
-                "+exp=smoke", f"data.root={data_root}", "data.synthetic=false", f"paths.output_dir={out}",
-                f"classifier.name={TINY}", "classifier.img_size=32", "folds.k=2", "fold=0", "trainer.batch_size=4",
-                "trainer.max_epochs=3", "trainer.lr=3e-3", "ensemble.tta_flip=false", *overrides,
+                "+exp=smoke",
+                f"data.root={data_root}",
+                "data.synthetic=false",
+                f"paths.output_dir={out}",
+                f"classifier.name={TINY}",
+                "classifier.img_size=32",
+                "folds.k=2",
+                "fold=0",
+                "trainer.batch_size=4",
+                "trainer.max_epochs=3",
+                "trainer.lr=3e-3",
+                "ensemble.tta_flip=false",
+                *overrides,
             ],
-        )  # fmt: skip
+        )
 
 
 class _FirstEpochBest(L.Callback):
@@ -102,10 +112,21 @@ def test_config_default_is_last_and_bad_values_are_refused() -> None:
 
 def test_result_written_before_the_option_reads_as_best_val() -> None:
     old = dict(
-        fold=0, fold_dir="f", best_checkpoint="f/checkpoints/best.ckpt", last_checkpoint="f/checkpoints/last.ckpt",
-        best_val_macro_f1=0.5, oof_macro_f1=0.5, oof_accuracy=0.5, epochs=3, global_step=9, n_train=1, n_val=1,
-        train_seconds=1.0, ms_per_step=None, resumed_from=None,
-    )  # fmt: skip
+        fold=0,
+        fold_dir="f",
+        best_checkpoint="f/checkpoints/best.ckpt",
+        last_checkpoint="f/checkpoints/last.ckpt",
+        best_val_macro_f1=0.5,
+        oof_macro_f1=0.5,
+        oof_accuracy=0.5,
+        epochs=3,
+        global_step=9,
+        n_train=1,
+        n_val=1,
+        train_seconds=1.0,
+        ms_per_step=None,
+        resumed_from=None,
+    )
     result = FoldResult(**old)
     assert result.select == "best_val" and result.oof_checkpoint == old["best_checkpoint"]
 
@@ -149,8 +170,16 @@ def test_last_and_best_val_write_the_oof_logits_of_their_epoch(
 
     # A finished fold resumed with the other mode is refused: the run's OOF logits would mix two choices.
     with pytest.raises(CytologiaInputError, match="finished with trainer.select=last"):
-        _train(data_root, tmp_path, run_l, monkeypatch, "exp_name=l", "trainer.select=best_val", "trainer.resume=true",
-               *ema)  # fmt: skip
+        _train(
+            data_root,
+            tmp_path,
+            run_l,
+            monkeypatch,
+            "exp_name=l",
+            "trainer.select=best_val",
+            "trainer.resume=true",
+            *ema,
+        )
     again = _train(data_root, tmp_path, run_l, monkeypatch, "exp_name=l", "trainer.resume=true", *ema)
     assert again["per_fold_macro_f1"] == summary_l["per_fold_macro_f1"]  # same mode: the fold is kept
 

@@ -41,11 +41,18 @@ def _cfg(data_root: Path, out: Path, *overrides: str):
         return compose(
             config_name="train",
             overrides=[
-                "+exp=smoke", f"data.root={data_root}", "data.synthetic=false", f"paths.output_dir={out}",
-                f"classifier.name={TINY}", "classifier.img_size=32", "folds.k=2", "fold=0", "trainer.batch_size=4",
+                "+exp=smoke",
+                f"data.root={data_root}",
+                "data.synthetic=false",
+                f"paths.output_dir={out}",
+                f"classifier.name={TINY}",
+                "classifier.img_size=32",
+                "folds.k=2",
+                "fold=0",
+                "trainer.batch_size=4",
                 *overrides,
             ],
-        )  # fmt: skip
+        )
 
 
 def test_smoke_run_writes_checkpoints_metrics_and_oof(data_root: Path, tmp_path: Path) -> None:
@@ -163,9 +170,13 @@ def test_first_place_experiments_build_their_model(exp: str, tmp_path: Path) -> 
     c = cfg.classifier
     with torch.device("meta"):
         module = ClassifierModule(
-            c.name, list(labels(c.background)), c.img_size, drop_path=c.drop_path,
-            loss=OmegaConf.to_container(c.loss), lr=cfg.trainer.lr,
-        )  # fmt: skip
+            c.name,
+            list(labels(c.background)),
+            c.img_size,
+            drop_path=c.drop_path,
+            loss=OmegaConf.to_container(c.loss),
+            lr=cfg.trainer.lr,
+        )
         logits = module(torch.zeros(2, 3, c.img_size, c.img_size))
     assert logits.shape == (2, 24 if exp.endswith("_bg") else 23)
 

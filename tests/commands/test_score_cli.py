@@ -121,8 +121,12 @@ def test_unknown_truth_class_warning_reaches_stderr(tmp_path: Path) -> None:
     import sys
 
     truth = write(tmp_path, "truth.csv", UNKNOWN)
-    done = subprocess.run([sys.executable, "-m", "cytologia.cli", "score", "--truth", str(truth), "--pred",
-                           str(truth)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "cytologia.cli", "score", "--truth", str(truth), "--pred", str(truth)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert f"WARNING cytologia.metrics: {truth}: class 'Blast' is not one of the 23 classes" in done.stderr
     assert "WARNING" not in done.stdout

@@ -31,8 +31,23 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_folds_end_to_end(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run" / "folds.csv"
     src_out = tmp_path / "run" / "sources.csv"
-    code = main(["folds", "--data", str(data_dir), "--k", "3", "--seed", "7", "--out", str(out),
-                 "--sources-out", str(src_out), "--workers", "1"])  # fmt: skip
+    code = main(
+        [
+            "folds",
+            "--data",
+            str(data_dir),
+            "--k",
+            "3",
+            "--seed",
+            "7",
+            "--out",
+            str(out),
+            "--sources-out",
+            str(src_out),
+            "--workers",
+            "1",
+        ]
+    )
     assert code == 0
     folds = pd.read_csv(out)
     train = pd.read_csv(data_dir / "train.csv")
@@ -61,8 +76,9 @@ def test_group_source_mode(data_dir: Path, tmp_path: Path) -> None:
 
 
 def test_group_source_too_few_sources(data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["folds", "--data", str(data_dir), "--k", "8", "--mode", "group-source",
-                 "--out", str(tmp_path / "f.csv")])  # fmt: skip
+    code = main(
+        ["folds", "--data", str(data_dir), "--k", "8", "--mode", "group-source", "--out", str(tmp_path / "f.csv")]
+    )
     assert code == 2
     assert "at least k=8 separable sources, found 6" in capsys.readouterr().err
     assert not (tmp_path / "f.csv").exists()

@@ -133,8 +133,9 @@ def test_all_problems_collected_and_capped(tmp_path: Path) -> None:
 
 
 def test_validate_in_memory_typed_table() -> None:
-    raw = pd.DataFrame({"NAME": ["a.jpg", None], "x1": [1, 2.5], "y1": [1, 2], "x2": [9, 9], "y2": [9, 9],
-                        "class": ["B", "LY"]})  # fmt: skip
+    raw = pd.DataFrame(
+        {"NAME": ["a.jpg", None], "x1": [1, 2.5], "y1": [1, 2], "x2": [9, 9], "y2": [9, 9], "class": ["B", "LY"]}
+    )
     with pytest.raises(ValidationError, match="<annotations>, row 2: empty NAME"):
         validate_annotations(raw)
     table, report = validate_annotations(raw, lenient=True)
@@ -296,8 +297,17 @@ def test_submission_errors(tmp_path: Path, test_list: pd.DataFrame) -> None:
 
 
 def test_submission_without_test_list_and_in_memory(tmp_path: Path) -> None:
-    typed = pd.DataFrame({"trustii_id": [1, 2], "NAME": ["a.jpg", "b.jpg"], "x1": [0.5, 1], "y1": [0, 1],
-                          "x2": [10.25, 5], "y2": [3, 4], "class": ["B", CLASSES[-1]]})  # fmt: skip
+    typed = pd.DataFrame(
+        {
+            "trustii_id": [1, 2],
+            "NAME": ["a.jpg", "b.jpg"],
+            "x1": [0.5, 1],
+            "y1": [0, 1],
+            "x2": [10.25, 5],
+            "y2": [3, 4],
+            "class": ["B", CLASSES[-1]],
+        }
+    )
     valid, report = validate_submission(typed)
     assert valid["x2"].tolist() == [10.25, 5.0] and report.kept == 2
     broken = typed.assign(**{"class": ["B", None]})

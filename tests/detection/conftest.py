@@ -76,9 +76,12 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
 
     base = tmp_path_factory.mktemp("det_smoke")
     cfg = compose_config(
-        "+exp=det_smoke", f"paths.data_dir={base / 'data'}", f"paths.output_dir={base / 'outputs'}",
-        f"paths.cache_dir={base / 'cache'}", "fold=0",
-    )  # fmt: skip
+        "+exp=det_smoke",
+        f"paths.data_dir={base / 'data'}",
+        f"paths.output_dir={base / 'outputs'}",
+        f"paths.cache_dir={base / 'cache'}",
+        "fold=0",
+    )
     import torch
     from ultralytics.utils import NUM_THREADS  # what ultralytics' select_device sets torch's thread count to
 

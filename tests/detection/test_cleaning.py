@@ -104,8 +104,9 @@ def test_default_actions_drop_flagged_images_and_duplicate_boxes() -> None:
 
 
 def test_fix_and_keep_actions() -> None:
-    cfg = CleaningConfig(misplaced_action="fix", unconfirmed_action="keep", unannotated_action="keep",
-                         duplicate_action="keep")  # fmt: skip
+    cfg = CleaningConfig(
+        misplaced_action="fix", unconfirmed_action="keep", unannotated_action="keep", duplicate_action="keep"
+    )
     result = clean_annotations(ANN, DET, cfg)
     cleaned = result.cleaned.set_index("box_id")
     assert len(cleaned) == len(ANN)
@@ -218,8 +219,10 @@ def test_clean_truth_undoes_the_box_defects() -> None:
     assert by_id.loc[10, ["x1", "y1", "x2", "y2"]].tolist() == [200, 200, 340, 340]  # the leukocyte back
     added = truth[truth["box_id"] == -1]
     assert added[["NAME", "class"]].values.tolist() == [["border.jpg", "B"]]  # test rows ignored
-    assert sorted(map(tuple, red[["x1", "y1", "x2", "y2"]].to_numpy().tolist())) == [(10, 10, 100, 100),
-                                                                                     (10, 260, 100, 350)]  # fmt: skip
+    assert sorted(map(tuple, red[["x1", "y1", "x2", "y2"]].to_numpy().tolist())) == [
+        (10, 10, 100, 100),
+        (10, 260, 100, 350),
+    ]
     assert len(truth) == len(ann) - 1 + 1
 
 
@@ -260,8 +263,19 @@ def test_clean_command_writes_the_cleaned_table_and_report(tmp_path: Path, capsy
     ANN[["NAME", "x1", "y1", "x2", "y2", "class"]].to_csv(data / "train.csv", index=False)
     DET.to_csv(tmp_path / "oof.csv", index=False)
     out = tmp_path / "out"
-    rc = main(["clean", "--data", str(data), "--boxes", str(tmp_path / "oof.csv"), "--out", str(out),
-               "--set", "misplaced_action=fix"])  # fmt: skip
+    rc = main(
+        [
+            "clean",
+            "--data",
+            str(data),
+            "--boxes",
+            str(tmp_path / "oof.csv"),
+            "--out",
+            str(out),
+            "--set",
+            "misplaced_action=fix",
+        ]
+    )
     assert rc == 0
     cleaned = pd.read_csv(out / "train_clean.csv")
     assert list(cleaned.columns) == ["NAME", "x1", "y1", "x2", "y2", "class"]
@@ -272,6 +286,20 @@ def test_clean_command_writes_the_cleaned_table_and_report(tmp_path: Path, capsy
     assert sorted(report["flag"]) == sorted(["unconfirmed"] * 3 + ["misplaced", "unannotated", "duplicate"])
     summary = json.loads((out / "cleaning_summary.json").read_text())
     assert summary["settings"]["misplaced_action"] == "fix" and summary["counts"]["boxes_fixed"] == 1
-    assert main(["clean", "--data", str(data), "--boxes", str(tmp_path / "oof.csv"), "--out", str(out),
-                 "--set", "misplaced_iou=2"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "clean",
+                "--data",
+                str(data),
+                "--boxes",
+                str(tmp_path / "oof.csv"),
+                "--out",
+                str(out),
+                "--set",
+                "misplaced_iou=2",
+            ]
+        )
+        == 2
+    )
     assert "misplaced_iou" in capsys.readouterr().err

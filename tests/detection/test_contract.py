@@ -104,8 +104,24 @@ def test_backend_meets_the_detector_contract(backend: str, images: list[Path], t
 
     # the command line: the backend read from the checkpoint, the parity check at its tolerances, exit 0
     out = tmp_path / "report.json"
-    code = main(["export", "detector", "--weights", str(ckpt), "--out", str(tmp_path / "cli.onnx"), "--img-size",
-                 str(SIZE), "--images", str(folder), "--n-verify", "3", "--report", str(out)])  # fmt: skip
+    code = main(
+        [
+            "export",
+            "detector",
+            "--weights",
+            str(ckpt),
+            "--out",
+            str(tmp_path / "cli.onnx"),
+            "--img-size",
+            str(SIZE),
+            "--images",
+            str(folder),
+            "--n-verify",
+            "3",
+            "--report",
+            str(out),
+        ]
+    )
     assert code == 0
     parity = json.loads(out.read_text())["parity"]
     assert parity["passed"] is True and parity["n_images"] == 3

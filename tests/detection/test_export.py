@@ -50,8 +50,23 @@ def test_onnx_boxes_match_torch(exported, tmp_path: Path) -> None:
 def test_export_command_verifies_and_benchmarks(exported, tmp_path: Path) -> None:
     weights, _ = exported
     out, report = tmp_path / "cli.onnx", tmp_path / "report.json"
-    code = main(["export", "detector", "--weights", str(weights), "--out", str(out), "--img-size", "128",
-                 "--n-verify", "2", "--bench", "--report", str(report)])  # fmt: skip
+    code = main(
+        [
+            "export",
+            "detector",
+            "--weights",
+            str(weights),
+            "--out",
+            str(out),
+            "--img-size",
+            "128",
+            "--n-verify",
+            "2",
+            "--bench",
+            "--report",
+            str(report),
+        ]
+    )
     assert code == 0 and out.is_file()
     results = json.loads(report.read_text())
     assert results["parity"]["passed"] is True
@@ -85,8 +100,22 @@ def test_export_command_exits_1_when_onnx_and_torch_differ(
 
         monkeypatch.setattr(OnnxDetector, "predict", predict)
     report = tmp_path / "report.json"
-    code = main(["export", "detector", "--weights", str(weights), "--out", str(tmp_path / "m.onnx"), "--img-size",
-                 "128", "--n-verify", "2", "--report", str(report)])  # fmt: skip
+    code = main(
+        [
+            "export",
+            "detector",
+            "--weights",
+            str(weights),
+            "--out",
+            str(tmp_path / "m.onnx"),
+            "--img-size",
+            "128",
+            "--n-verify",
+            "2",
+            "--report",
+            str(report),
+        ]
+    )
     assert code == 1
     assert "): FAIL" in capsys.readouterr().out
     parity = json.loads(report.read_text())["parity"]

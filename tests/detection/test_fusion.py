@@ -126,9 +126,15 @@ def test_skip_threshold_empty_boxes_and_the_fold_column(caplog: pytest.LogCaptur
 
 def test_with_folds_the_members_are_model_fold_pairs() -> None:
     # test time: the same model name from two folds is two members; out of fold: one fold per image, one member
-    table = _boxes([("t.jpg", 0, 0, 100, 100, 0.8, "m"), ("t.jpg", 2, 0, 100, 100, 0.6, "m"),
-                    ("o.jpg", 0, 0, 100, 100, 0.8, "m"), ("u.jpg", 0, 0, 100, 100, 0.8, "m"),
-                    ("u.jpg", 1, 1, 99, 99, 0.4, "m")])  # fmt: skip
+    table = _boxes(
+        [
+            ("t.jpg", 0, 0, 100, 100, 0.8, "m"),
+            ("t.jpg", 2, 0, 100, 100, 0.6, "m"),
+            ("o.jpg", 0, 0, 100, 100, 0.8, "m"),
+            ("u.jpg", 0, 0, 100, 100, 0.8, "m"),
+            ("u.jpg", 1, 1, 99, 99, 0.4, "m"),
+        ]
+    )
     table["fold"] = [0, 1, 3, 3, 0]
     table.loc[len(table)] = ["u.jpg", 300, 300, 340, 340, 0.9, "m", 3]
     out = weighted_box_fusion(table).set_index(["NAME", "score"])
@@ -233,7 +239,7 @@ def test_pad_study_prefers_the_prior_for_centred_single_cells() -> None:
             "y1": cx - side / 2,
             "x2": cx + side / 2,
             "y2": cx + side / 2,
-        }  # fmt: skip
+        }
     )
     sizes = {f"{i}.jpg": (368, 368) for i in range(200)}
     study = pad_study(truth, sizes)
@@ -323,9 +329,13 @@ def _wbf_case(seed: int) -> dict:
     models = [f"m{k}" for k in range(1 + seed % 4)]  # seeds 0-7: each number of models with both conf types
     unit = rng.random() < 0.25
     weights = {m: 1.0 if unit else round(float(rng.uniform(0.3, 3.0)), 3) for m in models}
-    return {"models": models, "weights": weights, "iou_thr": round(float(rng.uniform(0.3, 0.8)), 3),
-            "skip_thr": round(float(rng.choice([0.0, rng.uniform(0.0, 0.4)])), 3),
-            "conf_type": ("avg", "max")[(seed + seed // 4) % 2]}  # fmt: skip
+    return {
+        "models": models,
+        "weights": weights,
+        "iou_thr": round(float(rng.uniform(0.3, 0.8)), 3),
+        "skip_thr": round(float(rng.choice([0.0, rng.uniform(0.0, 0.4)])), 3),
+        "conf_type": ("avg", "max")[(seed + seed // 4) % 2],
+    }
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -333,8 +343,9 @@ def test_wbf_matches_ensemble_boxes(seed: int) -> None:
     """Same fused boxes and scores as ensemble-boxes' weighted_boxes_fusion (the reference implementation, a dev
     dependency) on random predictions: every image is fused by both, with the same weights and thresholds."""
     case = _wbf_case(seed)
-    models, weights, iou_thr, skip_thr, conf_type = (case[k] for k in ("models", "weights", "iou_thr", "skip_thr",
-                                                                       "conf_type"))  # fmt: skip
+    models, weights, iou_thr, skip_thr, conf_type = (
+        case[k] for k in ("models", "weights", "iou_thr", "skip_thr", "conf_type")
+    )
     rng = np.random.default_rng(100 + seed)
     table = _random_predictions(rng, 80, models)
     ours = weighted_box_fusion(table, iou_thr=iou_thr, skip_thr=skip_thr, weights=weights, conf_type=conf_type)
@@ -344,10 +355,15 @@ def test_wbf_matches_ensemble_boxes(seed: int) -> None:
     empty = (np.zeros((0, 4)), np.zeros(0))
     for name, group in table.groupby("NAME"):
         xyxy, score, model = _xyxy(group) / size, group["score"].to_numpy(), group["model"].to_numpy()
-        b, s, _ = reference_wbf([xyxy[model == m].tolist() for m in models],
-                                [score[model == m].tolist() for m in models],
-                                [[0] * int((model == m).sum()) for m in models], weights=[weights[m] for m in models],
-                                iou_thr=iou_thr, skip_box_thr=skip_thr, conf_type=conf_type)  # fmt: skip
+        b, s, _ = reference_wbf(
+            [xyxy[model == m].tolist() for m in models],
+            [score[model == m].tolist() for m in models],
+            [[0] * int((model == m).sum()) for m in models],
+            weights=[weights[m] for m in models],
+            iou_thr=iou_thr,
+            skip_box_thr=skip_thr,
+            conf_type=conf_type,
+        )
         mine_b, mine_s = fused.get(name, empty)
         assert len(mine_s) == len(s), (name, case)
         # same boxes, same scores (ensemble-boxes computes fused boxes and scores in float32)
@@ -379,7 +395,7 @@ def test_wbf_speed() -> None:
             "y2": c[:, 1] + 70,
             "score": rng.uniform(0.05, 1, k),
             "model": np.tile(models, k // 2),
-        }  # fmt: skip
+        }
     )
     t0 = time.perf_counter()
     out = weighted_box_fusion(table)

@@ -146,7 +146,7 @@ def test_known_count_pads_with_the_full_image() -> None:
             "y2": [40.0, 100.0],
             "img_w": [100, 100],
             "img_h": [100, 100],
-        }  # fmt: skip
+        }
     )
     boxes = pd.DataFrame({"NAME": ["a"], "x1": [0.0], "y1": [0.0], "x2": [40.0], "y2": [40.0], "score": [0.9]})
     m = known_count_matches(boxes, truth)
@@ -192,7 +192,7 @@ def test_missing_init_weights_fail_before_any_work(tmp_path) -> None:
             "detector.weights=absent.pt",
             f"paths.data_dir={tmp_path}",
             f"paths.models_dir={tmp_path / 'models'}",
-        )  # fmt: skip
+        )
     )
     with pytest.raises(CytologiaInputError, match="absent.pt"):
         run(cfg, tmp_path / "run")

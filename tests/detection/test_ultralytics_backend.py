@@ -42,7 +42,7 @@ def tiny(tmp_path: Path) -> DetectionData:
             "y1": [20.0, 10.0, 0.0, 5.0],
             "x2": [30.0, 20.0, 60.0, 25.0],
             "y2": [60.0, 90.0, 30.0, 35.0],
-        }  # fmt: skip
+        }
     )
     folds = pd.DataFrame({"NAME": ["im0.jpg", "im1.jpg", "im2.jpg", "im3.jpg"], "fold": [0, 0, 1, 1]})
     return DetectionData(table=table, folds=folds, image_dir=images, fold=1, cache_dir=tmp_path / "cache")
@@ -51,8 +51,14 @@ def tiny(tmp_path: Path) -> DetectionData:
 def test_dataset_links_images_and_writes_clipped_labels(tiny: DetectionData) -> None:
     data_yaml, counts = write_yolo_dataset(tiny)
     root = data_yaml.parent
-    assert counts == {"train_images": 2, "val_images": 2, "train_boxes": 3, "val_boxes": 1, "negatives": 1,
-                      "skipped_empty": 0}  # fmt: skip
+    assert counts == {
+        "train_images": 2,
+        "val_images": 2,
+        "train_boxes": 3,
+        "val_boxes": 1,
+        "negatives": 1,
+        "skipped_empty": 0,
+    }
     link = root / "images" / "train" / "im0.jpg"
     assert link.is_symlink() and Path(os.readlink(link)) == (tiny.image_dir / "im0.jpg").resolve()
     lines = (root / "labels" / "train" / "im0.txt").read_text().split("\n")

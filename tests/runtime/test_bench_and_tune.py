@@ -22,12 +22,38 @@ from cytologia.runtime.bench import save_random_classifier
 @pytest.mark.ultralytics
 def test_bench_pipeline_prints_its_table(tiny, tmp_path: Path, capsys) -> None:
     out = tmp_path / "bench.json"
-    code = main(["bench", "pipeline", "--data", str(tiny.data), "--ensemble", str(tiny.ensemble_path), "--images",
-                 "4", "--warmup", "1", "--threads", "1", "--json", str(out)])  # fmt: skip
+    code = main(
+        [
+            "bench",
+            "pipeline",
+            "--data",
+            str(tiny.data),
+            "--ensemble",
+            str(tiny.ensemble_path),
+            "--images",
+            "4",
+            "--warmup",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     text = capsys.readouterr().out
-    for word in ("decode", "detect", "crop", "classify", "blend", "total", "images/s", "peak RSS", "verdict",
-                 "ONNX Runtime / torch"):  # fmt: skip
+    for word in (
+        "decode",
+        "detect",
+        "crop",
+        "classify",
+        "blend",
+        "total",
+        "images/s",
+        "peak RSS",
+        "verdict",
+        "ONNX Runtime / torch",
+    ):
         assert word in text, word
     results = json.loads(out.read_text())["results"]
     assert [r["runtime"] for r in results] == ["onnx", "torch"]
@@ -79,8 +105,16 @@ def _run_folder(
 def test_tune_then_predict(tiny, tmp_path: Path, capsys) -> None:
     rng = np.random.default_rng(0)
     n = 600
-    truth = pd.DataFrame({"NAME": [f"t{i // 1}.jpg" for i in range(n)], "x1": 10, "y1": 10, "x2": 60, "y2": 60,
-                          "class": [CLASSES[c] for c in rng.integers(0, len(CLASSES), n)]})  # fmt: skip
+    truth = pd.DataFrame(
+        {
+            "NAME": [f"t{i // 1}.jpg" for i in range(n)],
+            "x1": 10,
+            "y1": 10,
+            "x2": 60,
+            "y2": 60,
+            "class": [CLASSES[c] for c in rng.integers(0, len(CLASSES), n)],
+        }
+    )
     train_csv = tmp_path / "train.csv"
     truth.to_csv(train_csv, index=False)
     truth["box_id"] = np.arange(n)
@@ -91,9 +125,25 @@ def test_tune_then_predict(tiny, tmp_path: Path, capsys) -> None:
     run_m = _run_folder(tmp_path / "runs", "expM", truth, np.full(len(CLASSES), 1.0), 1.0, 3, multilabel=True)
     out = tmp_path / "ensemble.json"
     detector = tiny.models / "detector.pt"
-    code = main(["tune", "--oof", str(run_a), "--oof", str(run_b / "oof_logits.csv"), "--oof", str(run_m),
-                 "--truth", str(train_csv), "--out", str(out), "--detector", str(detector),
-                 "--det-img-size", "128"])  # fmt: skip
+    code = main(
+        [
+            "tune",
+            "--oof",
+            str(run_a),
+            "--oof",
+            str(run_b / "oof_logits.csv"),
+            "--oof",
+            str(run_m),
+            "--truth",
+            str(train_csv),
+            "--out",
+            str(out),
+            "--detector",
+            str(detector),
+            "--det-img-size",
+            "128",
+        ]
+    )
     assert code == 0
     printed = capsys.readouterr().out
     assert "held-out" in printed and "gain" in printed
@@ -110,8 +160,24 @@ def test_tune_then_predict(tiny, tmp_path: Path, capsys) -> None:
     # the tuned file runs: no ONNX files for the members, so they are exported in memory from the checkpoints
     sub = tmp_path / "submission.csv"
     report = tmp_path / "report.json"
-    assert main(["predict", "--data", str(tiny.data), "--ensemble", str(out), "--out", str(sub), "--batch", "8",
-                 "--report", str(report)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "predict",
+                "--data",
+                str(tiny.data),
+                "--ensemble",
+                str(out),
+                "--out",
+                str(sub),
+                "--batch",
+                "8",
+                "--report",
+                str(report),
+            ]
+        )
+        == 0
+    )
     assert json.loads(report.read_text())["multilabel"] == "ml:expM+hflip"
     test = read_test(tiny.data / "test.csv")
     assert len(read_submission(sub, test=test)) == len(test)

@@ -35,8 +35,21 @@ def _images(tiny) -> tuple[pd.DataFrame, list[Path], pd.Series]:
 @pytest.mark.ultralytics
 def test_predict_writes_a_valid_submission_that_scores(tiny, tmp_path: Path, capsys) -> None:
     out = tmp_path / "submission.csv"
-    code = main(["predict", "--data", str(tiny.data), "--ensemble", str(tiny.ensemble_path), "--out", str(out),
-                 "--batch", "4", "--report", str(tmp_path / "report.json")])  # fmt: skip
+    code = main(
+        [
+            "predict",
+            "--data",
+            str(tiny.data),
+            "--ensemble",
+            str(tiny.ensemble_path),
+            "--out",
+            str(out),
+            "--batch",
+            "4",
+            "--report",
+            str(tmp_path / "report.json"),
+        ]
+    )
     assert code == 0
     test = read_test(tiny.data / "test.csv")
     sizes = {p.name: (192, 192) for p in (tiny.data / "images").iterdir()}
@@ -82,8 +95,22 @@ def test_onnx_and_torch_runtimes_agree(tiny) -> None:
 @pytest.mark.ultralytics
 def test_open_world_writes_per_image_outputs(tiny, tmp_path: Path) -> None:
     out = tmp_path / "sub.csv"
-    code = main(["predict", "--data", str(tiny.data), "--ensemble", str(tiny.ensemble_path), "--out", str(out),
-                 "--mode", "open-world", "--runtime", "torch", "--no-tta-flip"])  # fmt: skip
+    code = main(
+        [
+            "predict",
+            "--data",
+            str(tiny.data),
+            "--ensemble",
+            str(tiny.ensemble_path),
+            "--out",
+            str(out),
+            "--mode",
+            "open-world",
+            "--runtime",
+            "torch",
+            "--no-tta-flip",
+        ]
+    )
     assert code == 0 and out.is_file()  # with test.csv, the known-count submission is written too
     boxes = pd.read_csv(tmp_path / "sub_boxes.csv")
     payload = json.loads((tmp_path / "sub_boxes.json").read_text())
@@ -100,8 +127,22 @@ def test_open_world_writes_per_image_outputs(tiny, tmp_path: Path) -> None:
     for p in sorted((tiny.data / "images").iterdir())[:3]:
         (images_only / p.name).write_bytes(p.read_bytes())
     target = tmp_path / "ow" / "pred"
-    assert main(["predict", "--data", str(images_only), "--ensemble", str(tiny.ensemble_path), "--mode",
-                 "open-world", "--boxes-out", str(target)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "predict",
+                "--data",
+                str(images_only),
+                "--ensemble",
+                str(tiny.ensemble_path),
+                "--mode",
+                "open-world",
+                "--boxes-out",
+                str(target),
+            ]
+        )
+        == 0
+    )
     assert len(json.loads(target.with_suffix(".json").read_text())["images"]) == 3
 
 
@@ -158,9 +199,17 @@ def test_known_count_and_open_world_rules_match_the_detection_tables() -> None:
 def test_submission_table_gives_each_id_one_box() -> None:
     test = pd.DataFrame({"trustii_id": [7, 3, 5], "NAME": ["a", "b", "a"]})
     boxes = pd.DataFrame(
-        {"NAME": ["a", "a", "b"], "x1": [0.0, 5, 1], "y1": [0.0, 5, 1], "x2": [9.0, 20, 8], "y2": [9.0, 20, 8],
-         "score": [0.2, 0.9, 0.5], "class": ["B", "EO", "LY"], "known_count": True}
-    )  # fmt: skip
+        {
+            "NAME": ["a", "a", "b"],
+            "x1": [0.0, 5, 1],
+            "y1": [0.0, 5, 1],
+            "x2": [9.0, 20, 8],
+            "y2": [9.0, 20, 8],
+            "score": [0.2, 0.9, 0.5],
+            "class": ["B", "EO", "LY"],
+            "known_count": True,
+        }
+    )
     sub = submission_table(boxes, test)
     assert sub["trustii_id"].tolist() == [3, 5, 7]
     assert sub.set_index("trustii_id").loc[5, "class"] == "EO"  # the lowest id of an image takes its best box
@@ -178,8 +227,19 @@ def test_predict_errors(tiny, tmp_path: Path) -> None:
     assert main(args) == 2  # known-count needs test.csv
     ens = tiny.ensemble()
     ens.detector = None
-    assert main([*args[:2], str(tiny.data), "--ensemble", str(write_ensemble(ens, tmp_path / "nodet.json")),
-                 "--out", str(tmp_path / "s.csv")]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                *args[:2],
+                str(tiny.data),
+                "--ensemble",
+                str(write_ensemble(ens, tmp_path / "nodet.json")),
+                "--out",
+                str(tmp_path / "s.csv"),
+            ]
+        )
+        == 2
+    )
     ens = tiny.ensemble()
     ens.members[0].checkpoints = []
     with pytest.raises(CytologiaInputError, match="torch runtime needs checkpoints"):

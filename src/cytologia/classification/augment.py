@@ -34,13 +34,40 @@ _HOLE_FILL = (124, 116, 104)
 # Per-strength magnitudes. translate is a fraction of the crop side; it stays below the ~0.12 a 16 px margin leaves
 # around a 100 px box, with the zoom included. noise_std is a fraction of 255.
 _MAGNITUDE: dict[str, dict[str, Any]] = {
-    "light": dict(scale=(0.95, 1.03), translate=0.02, bc=0.08, bc_p=0.3, noise_std=(0.005, 0.02), noise_p=0.0,
-                  holes=(1, 1), hole=(0.04, 0.08), dropout_p=0.0),
-    "default": dict(scale=(0.9, 1.05), translate=0.04, bc=0.12, bc_p=0.5, noise_std=(0.01, 0.04), noise_p=0.2,
-                    holes=(1, 3), hole=(0.05, 0.12), dropout_p=0.3),
-    "strong": dict(scale=(0.85, 1.08), translate=0.06, bc=0.2, bc_p=0.6, noise_std=(0.02, 0.06), noise_p=0.3,
-                   holes=(1, 6), hole=(0.06, 0.16), dropout_p=0.5),
-}  # fmt: skip
+    "light": dict(
+        scale=(0.95, 1.03),
+        translate=0.02,
+        bc=0.08,
+        bc_p=0.3,
+        noise_std=(0.005, 0.02),
+        noise_p=0.0,
+        holes=(1, 1),
+        hole=(0.04, 0.08),
+        dropout_p=0.0,
+    ),
+    "default": dict(
+        scale=(0.9, 1.05),
+        translate=0.04,
+        bc=0.12,
+        bc_p=0.5,
+        noise_std=(0.01, 0.04),
+        noise_p=0.2,
+        holes=(1, 3),
+        hole=(0.05, 0.12),
+        dropout_p=0.3,
+    ),
+    "strong": dict(
+        scale=(0.85, 1.08),
+        translate=0.06,
+        bc=0.2,
+        bc_p=0.6,
+        noise_std=(0.02, 0.06),
+        noise_p=0.3,
+        holes=(1, 6),
+        hole=(0.06, 0.16),
+        dropout_p=0.5,
+    ),
+}
 
 
 # ------------------------------------------------------------------------------------------------ bbox-aware rotate
@@ -83,9 +110,13 @@ def fill_region(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def rotate_cell(
-    image: np.ndarray, cell_box: Sequence[float] | np.ndarray, angle: float, *, cell_scale: float = 1.1,
+    image: np.ndarray,
+    cell_box: Sequence[float] | np.ndarray,
+    angle: float,
+    *,
+    cell_scale: float = 1.1,
     feather: float = 1.5,
-) -> np.ndarray:  # fmt: skip
+) -> np.ndarray:
     """Rotate the cell of a crop by ``angle`` degrees about its box centre and paste it back on its background.
 
     The cell is the ellipse inscribed in ``cell_box`` enlarged by ``cell_scale`` (a little of its own background,
@@ -102,8 +133,18 @@ def rotate_cell(
     mask = np.zeros((h, w), np.float32)
     # cv2.ellipse takes integer centre/axes; the shift of 4 fractional bits draws at 1/16 px precision.
     s = 16
-    cv2.ellipse(mask, (round(cx * s - s / 2), round(cy * s - s / 2)),
-                (round(a * cell_scale * s), round(b * cell_scale * s)), 0, 0, 360, 1.0, -1, cv2.LINE_8, 4)  # fmt: skip
+    cv2.ellipse(
+        mask,
+        (round(cx * s - s / 2), round(cy * s - s / 2)),
+        (round(a * cell_scale * s), round(b * cell_scale * s)),
+        0,
+        0,
+        360,
+        1.0,
+        -1,
+        cv2.LINE_8,
+        4,
+    )
     # Clip to the box grown by 2 feather widths: a cell touches its box, and the blur must not fade its rim.
     pad = 2 * feather
     box_mask = np.zeros_like(mask)
@@ -129,8 +170,9 @@ def rotate_cell(
     r0, r1, c0, c1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     m_local = m.copy()
     m_local[:, 2] -= (c0, r0)  # the same warp, written straight into the rectangle
-    rotated = cv2.warpAffine(image, m_local, (int(c1 - c0), int(r1 - r0)), flags=cv2.INTER_LINEAR,
-                             borderMode=cv2.BORDER_REFLECT_101)  # fmt: skip
+    rotated = cv2.warpAffine(
+        image, m_local, (int(c1 - c0), int(r1 - r0)), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101
+    )
     a = alpha[r0:r1, c0:c1]
     if image.ndim == 3:
         a = a[..., None]

@@ -81,14 +81,21 @@ class CropDataModule(L.LightningDataModule):
         from cytologia.classification.crops import CropDataset
 
         transform = build_transforms(
-            self.img_size, train, hue_saturation=bool(self.augment.get("hue_saturation", False)),
+            self.img_size,
+            train,
+            hue_saturation=bool(self.augment.get("hue_saturation", False)),
             bbox_aware_p=float(self.augment.get("bbox_aware_p", 0.5)),
             strength=str(self.augment.get("strength", "default")),
-        )  # fmt: skip
+        )
         return CropDataset(
-            source.table, source.image_dir, self.label_names, self.img_size, margin=self.margin, transform=transform,
+            source.table,
+            source.image_dir,
+            self.label_names,
+            self.img_size,
+            margin=self.margin,
+            transform=transform,
             cache=self.cache,
-        )  # fmt: skip
+        )
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
@@ -149,17 +156,26 @@ class FullImageDataModule(CropDataModule):
         cache: str = "none",
     ) -> None:
         super().__init__(
-            train, val, label_names, img_size, margin=0, batch_size=batch_size, num_workers=num_workers,
-            augment=augment, cache=cache,
-        )  # fmt: skip
+            train,
+            val,
+            label_names,
+            img_size,
+            margin=0,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            augment=augment,
+            cache=cache,
+        )
 
     def _dataset(self, source: CropSource, train: bool) -> Dataset:
         from cytologia.classification.fullimage import FullImageDataset, build_image_transforms
 
         transform = build_image_transforms(
-            self.img_size, train, hue_saturation=bool(self.augment.get("hue_saturation", False)),
+            self.img_size,
+            train,
+            hue_saturation=bool(self.augment.get("hue_saturation", False)),
             strength=str(self.augment.get("strength", "default")),
-        )  # fmt: skip
+        )
         return FullImageDataset(
             source.table, source.image_dir, self.label_names, self.img_size, transform=transform, cache=self.cache
         )

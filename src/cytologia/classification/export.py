@@ -71,10 +71,16 @@ def export_classifier_onnx(
             warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx\.")
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             torch.onnx.export(
-                model, (dummy,), str(tmp), dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
-                output_names=[OUTPUT_NAME], do_constant_folding=True,
+                model,
+                (dummy,),
+                str(tmp),
+                dynamo=False,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                do_constant_folding=True,
                 dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}} if dynamic_batch else None,
-            )  # fmt: skip
+            )
         proto = onnx.load(str(tmp))
         meta = {"img_size": str(img_size), "producer": "cytologia", "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
         cfg = getattr(model, "pretrained_cfg", None) or {}

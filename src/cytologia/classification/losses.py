@@ -156,9 +156,11 @@ class MultiLabelBCELoss(nn.Module):
     all B x K terms; optional per-label ``pos_weight`` and label smoothing towards 1/2."""
 
     def __init__(
-        self, label_smoothing: float = 0.0, pos_weight: torch.Tensor | Sequence[float] | None = None,
+        self,
+        label_smoothing: float = 0.0,
+        pos_weight: torch.Tensor | Sequence[float] | None = None,
         reduction: str = "mean",
-    ) -> None:  # fmt: skip
+    ) -> None:
         super().__init__()
         _check(label_smoothing, reduction)
         self.label_smoothing = float(label_smoothing)
@@ -180,9 +182,12 @@ class MultiLabelFocalLoss(nn.Module):
     """
 
     def __init__(
-        self, gamma: float = 2.0, alpha: torch.Tensor | Sequence[float] | float | None = None,
-        label_smoothing: float = 0.0, reduction: str = "mean",
-    ) -> None:  # fmt: skip
+        self,
+        gamma: float = 2.0,
+        alpha: torch.Tensor | Sequence[float] | float | None = None,
+        label_smoothing: float = 0.0,
+        reduction: str = "mean",
+    ) -> None:
         super().__init__()
         if gamma < 0:
             raise CytologiaInputError(f"focal gamma={gamma}: must be >= 0")

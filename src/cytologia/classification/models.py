@@ -290,9 +290,11 @@ def _dinobloom_entry(name: str) -> None:
 
     arch = dinobloom.DINOBLOOM_ARCH[name]
     register_classifier(
-        name, default_img_size=dinobloom.DINOBLOOM_IMG_SIZE, load_weights=dinobloom.load_dinobloom_weights,
+        name,
+        default_img_size=dinobloom.DINOBLOOM_IMG_SIZE,
+        load_weights=dinobloom.load_dinobloom_weights,
         description=f"DinoBloom ({arch}, DINOv2 pretrained on blood cells) at 224 px",
-    )(factory)  # fmt: skip
+    )(factory)
 
 
 for _name in dinobloom.DINOBLOOM_ARCH:

@@ -64,13 +64,24 @@ def checkpoint_callbacks(dirpath: str | Path) -> tuple[ModelCheckpoint, ModelChe
     ones (``current_model_state``) so a resume continues both.
     """
     best = ModelCheckpoint(
-        dirpath=dirpath, filename="best", monitor=MONITOR, mode="max", save_top_k=1, save_last=False,
-        auto_insert_metric_name=False, enable_version_counter=False,
-    )  # fmt: skip
-    last = ModelCheckpoint(
-        dirpath=dirpath, filename="last", monitor=None, save_top_k=1, save_last=False, every_n_epochs=1,
+        dirpath=dirpath,
+        filename="best",
+        monitor=MONITOR,
+        mode="max",
+        save_top_k=1,
+        save_last=False,
+        auto_insert_metric_name=False,
         enable_version_counter=False,
-    )  # fmt: skip
+    )
+    last = ModelCheckpoint(
+        dirpath=dirpath,
+        filename="last",
+        monitor=None,
+        save_top_k=1,
+        save_last=False,
+        every_n_epochs=1,
+        enable_version_counter=False,
+    )
     return best, last
 
 
@@ -131,9 +142,13 @@ class ClassifierModule(L.LightningModule):
         self.label_names = list(label_names)
         self.num_classes = len(self.label_names)
         self.model = create_classifier(
-            model_name, self.num_classes, img_size=img_size, weights=weights, drop_path=drop_path,
+            model_name,
+            self.num_classes,
+            img_size=img_size,
+            weights=weights,
+            drop_path=drop_path,
             train_last_k=train_last_k,
-        )  # fmt: skip
+        )
         default_loss = "focal_multilabel" if multilabel else "cross_entropy"
         loss = dict(loss or {"name": default_loss, "label_smoothing": 0.0, "gamma": 2.0, "alpha": None})
         if multilabel and loss["name"] not in MULTILABEL_LOSSES:
@@ -143,9 +158,12 @@ class ClassifierModule(L.LightningModule):
             )
         self.multilabel = bool(multilabel)
         self.criterion = create_loss(
-            loss["name"], self.num_classes, label_smoothing=loss.get("label_smoothing", 0.0),
-            gamma=loss.get("gamma", 2.0), alpha=loss.get("alpha"),
-        )  # fmt: skip
+            loss["name"],
+            self.num_classes,
+            label_smoothing=loss.get("label_smoothing", 0.0),
+            gamma=loss.get("gamma", 2.0),
+            alpha=loss.get("alpha"),
+        )
         self.mix = dict(mix or {})
         # The class logits a prediction is taken from: the 23 cell classes (background, when present, is last).
         self.n_cell_classes = min(self.num_classes, len(CLASSES))

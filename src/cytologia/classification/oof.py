@@ -136,9 +136,14 @@ def _image_logits_differ(keys: pd.DataFrame, logits: np.ndarray) -> list[tuple[i
     # Bit-for-bit (NaN-safe): the stage writes one vector per image; non-finite rows are reported on their own.
     same = (logits[ml] == reference) | (np.isnan(logits[ml]) & np.isnan(reference))
     bad = ml[~same.all(axis=1)]
-    return [(int(i) + 1, f"multi-label model {keys['model'].iat[i]}: logits differ from another box of "
-             f"{keys['NAME'].iat[i]} (a full-image model gives every box of an image the same logits)")
-            for i in bad[:20]]  # fmt: skip
+    return [
+        (
+            int(i) + 1,
+            f"multi-label model {keys['model'].iat[i]}: logits differ from another box of "
+            f"{keys['NAME'].iat[i]} (a full-image model gives every box of an image the same logits)",
+        )
+        for i in bad[:20]
+    ]
 
 
 def write_oof(table: pd.DataFrame, path: str | Path) -> Path:

@@ -310,11 +310,20 @@ def _module(cfg: DictConfig, label_names: list[str], augment: dict[str, Any]) ->
     """The LightningModule of the configured classifier (crop or multi-label)."""
     t, c = cfg.trainer, cfg.classifier
     return ClassifierModule(
-        c.name, label_names, c.img_size, weights=c.weights, drop_path=c.drop_path, train_last_k=c.train_last_k,
-        loss=OmegaConf.to_container(c.loss, resolve=True), lr=t.lr, weight_decay=t.weight_decay,
-        warmup_epochs=t.warmup_epochs, min_lr_ratio=t.min_lr_ratio,
-        mix={k: augment[k] for k in ("mix_prob", "mixup_alpha", "cutmix_alpha")}, multilabel=c.multilabel,
-    )  # fmt: skip
+        c.name,
+        label_names,
+        c.img_size,
+        weights=c.weights,
+        drop_path=c.drop_path,
+        train_last_k=c.train_last_k,
+        loss=OmegaConf.to_container(c.loss, resolve=True),
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        warmup_epochs=t.warmup_epochs,
+        min_lr_ratio=t.min_lr_ratio,
+        mix={k: augment[k] for k in ("mix_prob", "mixup_alpha", "cutmix_alpha")},
+        multilabel=c.multilabel,
+    )
 
 
 @dataclass
@@ -367,12 +376,20 @@ def _fit(
     if t.progress_bar:
         extra.append(TQDMProgressBar(refresh_rate=max(1, min(20, t.log_every_n_steps))))
     trainer = L.Trainer(
-        accelerator=accelerator, devices=t.devices, strategy=strategy, precision=precision, max_epochs=t.max_epochs,
-        accumulate_grad_batches=t.accumulate_grad_batches, gradient_clip_val=t.grad_clip,
-        callbacks=extra + list(callbacks or []), logger=_loggers(fold_dir),
-        log_every_n_steps=t.log_every_n_steps, enable_progress_bar=t.progress_bar, default_root_dir=fold_dir,
+        accelerator=accelerator,
+        devices=t.devices,
+        strategy=strategy,
+        precision=precision,
+        max_epochs=t.max_epochs,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.grad_clip,
+        callbacks=extra + list(callbacks or []),
+        logger=_loggers(fold_dir),
+        log_every_n_steps=t.log_every_n_steps,
+        enable_progress_bar=t.progress_bar,
+        default_root_dir=fold_dir,
         enable_model_summary=False,
-    )  # fmt: skip
+    )
     start = time.perf_counter()
     trainer.fit(module, datamodule=data, ckpt_path=resume_from)
     seconds = time.perf_counter() - start
@@ -383,9 +400,16 @@ def _fit(
     module.load_state_dict(load_checkpoint(chosen)["state_dict"])
     score = checkpoint.best_model_score
     return _Fit(
-        trainer, best or last, chosen, t.select, None if score is None else float(score), timer, seconds, precision,
+        trainer,
+        best or last,
+        chosen,
+        t.select,
+        None if score is None else float(score),
+        timer,
+        seconds,
+        precision,
         resume_from,
-    )  # fmt: skip
+    )
 
 
 def select_checkpoint(mode: str, best: Path | None, last: Path) -> Path:
@@ -406,16 +430,33 @@ def _fold_result(
     """The fold's :class:`FoldResult`, written to ``result.json`` (with the merged metrics)."""
     _merge_metrics(fold_dir)
     result = FoldResult(
-        fold=fold, fold_dir=str(fold_dir), best_checkpoint=str(fit.best),
-        last_checkpoint=str(fold_dir / "checkpoints" / "last.ckpt"), best_val_macro_f1=fit.best_score,
-        oof_macro_f1=f1, oof_accuracy=acc, epochs=int(fit.trainer.current_epoch),
-        global_step=int(fit.trainer.global_step), n_train=n_train, n_val=n_val, train_seconds=round(fit.seconds, 3),
-        ms_per_step=fit.timer.ms_per_step, resumed_from=fit.resume_from, select=fit.select,
-        oof_checkpoint=str(Path(fit.chosen).resolve()), **extra,
-    )  # fmt: skip
+        fold=fold,
+        fold_dir=str(fold_dir),
+        best_checkpoint=str(fit.best),
+        last_checkpoint=str(fold_dir / "checkpoints" / "last.ckpt"),
+        best_val_macro_f1=fit.best_score,
+        oof_macro_f1=f1,
+        oof_accuracy=acc,
+        epochs=int(fit.trainer.current_epoch),
+        global_step=int(fit.trainer.global_step),
+        n_train=n_train,
+        n_val=n_val,
+        train_seconds=round(fit.seconds, 3),
+        ms_per_step=fit.timer.ms_per_step,
+        resumed_from=fit.resume_from,
+        select=fit.select,
+        oof_checkpoint=str(Path(fit.chosen).resolve()),
+        **extra,
+    )
     write_text_atomic(fold_dir / RESULT_FILE, json.dumps(asdict(result), indent=1) + "\n")
-    log.info("fold %d: best val macro-F1 %s, OOF macro-F1 %.4f from %s (trainer.select=%s)", fold,
-             result.best_val_macro_f1, f1, fit.chosen, fit.select)  # fmt: skip
+    log.info(
+        "fold %d: best val macro-F1 %s, OOF macro-F1 %.4f from %s (trainer.select=%s)",
+        fold,
+        result.best_val_macro_f1,
+        f1,
+        fit.chosen,
+        fit.select,
+    )
     return result
 
 
@@ -455,9 +496,16 @@ def train_fold(
         sources.append(CropSource(bg, background.image_dir))
         log.info("fold %d: %d background crops added to training", fold, len(bg))
     data = CropDataModule(
-        sources, CropSource(val_table, image_dir), label_names, c.img_size,
-        margin=c.margin, batch_size=t.batch_size, num_workers=t.num_workers, augment=augment, cache=c.cache,
-    )  # fmt: skip
+        sources,
+        CropSource(val_table, image_dir),
+        label_names,
+        c.img_size,
+        margin=c.margin,
+        batch_size=t.batch_size,
+        num_workers=t.num_workers,
+        augment=augment,
+        cache=c.cache,
+    )
     module = _module(cfg, label_names, augment)
     fit = _fit(cfg, module, data, fold, fold_dir, callbacks)
     if fit is None:
@@ -516,9 +564,15 @@ def train_fold_multilabel(
         sources.append(CropSource(bg, background.image_dir))
         log.info("fold %d: %d background images added to training", fold, len(bg))
     data = FullImageDataModule(
-        sources, CropSource(val_images, image_dir), label_names, c.img_size, batch_size=t.batch_size,
-        num_workers=t.num_workers, augment=augment, cache=c.cache,
-    )  # fmt: skip
+        sources,
+        CropSource(val_images, image_dir),
+        label_names,
+        c.img_size,
+        batch_size=t.batch_size,
+        num_workers=t.num_workers,
+        augment=augment,
+        cache=c.cache,
+    )
     module = _module(cfg, label_names, augment)
     fit = _fit(cfg, module, data, fold, fold_dir, callbacks)
     if fit is None:
@@ -548,9 +602,16 @@ def train_fold_multilabel(
     f1, acc = score_logits(plain, val_set.cell_labels, label_names, module.n_cell_classes)  # type: ignore[union-attr]
     mean_ap = mean_average_precision(plain, val_set.targets)  # type: ignore[union-attr]
     return _fold_result(
-        fit, fold, fold_dir, f1, acc, n_train=sum(len(s.table) for s in sources), n_val=len(val_images),
-        kind="multilabel", oof_mean_ap=mean_ap,
-    )  # fmt: skip
+        fit,
+        fold,
+        fold_dir,
+        f1,
+        acc,
+        n_train=sum(len(s.table) for s in sources),
+        n_val=len(val_images),
+        kind="multilabel",
+        oof_mean_ap=mean_ap,
+    )
 
 
 # --------------------------------------------------------------------------------------------------- the stage

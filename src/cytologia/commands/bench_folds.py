@@ -47,8 +47,11 @@ def _generated_set(out: Path, n_images: int, seed: int) -> str:
         code = cli_main(["synth", "--out", str(out), "--images", str(n_images), "--seed", str(seed)])
         if code == 0 and (out / SOURCES_FILE).is_file():
             return "cytologia synth"
-        log.warning("cytologia synth failed (exit %d) or wrote no %s: rendering a set of known sources instead",
-                    code, SOURCES_FILE)  # fmt: skip
+        log.warning(
+            "cytologia synth failed (exit %d) or wrote no %s: rendering a set of known sources instead",
+            code,
+            SOURCES_FILE,
+        )
     render_source_set(out, n_images, seed=seed)
     return "render_source_set"
 

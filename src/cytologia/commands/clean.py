@@ -31,8 +31,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="settings YAML, e.g. configs/cleaning/default.yaml (default: built-in)",
     )
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one setting, e.g. --set misplaced_action=fix (repeatable)")  # fmt: skip
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one setting, e.g. --set misplaced_action=fix (repeatable)",
+    )
     parser.add_argument("--images", type=Path, default=None, help="image folder (default DATA/images, if present)")
 
 

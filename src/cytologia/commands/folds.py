@@ -37,10 +37,19 @@ def run(args: argparse.Namespace) -> int:
     from cytologia.data.prepare import FOLDS_REPORT
 
     folds, report = folds_for_folder(
-        args.data, args.out, k=args.k, seed=args.seed, mode=args.mode, images=args.images,
-        use_images=not args.no_images, n_sources=args.sources, dedup=not args.no_dedup,
-        near_threshold=args.near_threshold, workers=args.workers, sources_out=args.sources_out,
-    )  # fmt: skip
+        args.data,
+        args.out,
+        k=args.k,
+        seed=args.seed,
+        mode=args.mode,
+        images=args.images,
+        use_images=not args.no_images,
+        n_sources=args.sources,
+        dedup=not args.no_dedup,
+        near_threshold=args.near_threshold,
+        workers=args.workers,
+        sources_out=args.sources_out,
+    )
     print(report.summary())
     print(f"wrote {args.out} ({len(folds)} images) and {args.out.parent / FOLDS_REPORT}")
     return 0

@@ -25,18 +25,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runtime", choices=("onnx", "torch"), default="onnx", help="network back-end (onnx)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda", "tensorrt"), default="auto")
     parser.add_argument(
-        "--tta-flip", action=argparse.BooleanOptionalAction, default=None,
+        "--tta-flip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="flip TTA for the detector and every classifier (default: as the ensemble file says)",
-    )  # fmt: skip
+    )
     parser.add_argument("--batch", type=int, default=8, help="images per batch (8)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per session (default: all)")
     parser.add_argument("--workers", type=int, default=None, help="image decoding threads (default: the batch)")
     parser.add_argument("--int8", choices=("off", "on", "measure"), default="off", help="CPU int8 classifiers (off)")
     parser.add_argument(
-        "--boxes-out", type=Path, default=None,
+        "--boxes-out",
+        type=Path,
+        default=None,
         help="per-image output, written as PATH.csv and PATH.json (default in open-world mode: next to --out, or "
         "predictions in DIR's parent when there is no --out)",
-    )  # fmt: skip
+    )
     parser.add_argument("--report", type=Path, default=None, help="write what ran and how long it took as JSON")
 
 
@@ -51,9 +55,19 @@ def run(args: argparse.Namespace) -> int:
     if boxes_out is None and args.mode == "open-world":
         boxes_out = args.out.with_name(args.out.stem + "_boxes") if args.out else args.data.parent / "predictions"
     prediction = predict_folder(
-        args.data, args.ensemble, args.out, mode=args.mode, runtime=args.runtime, device=args.device,
-        tta_flip=args.tta_flip, batch_size=args.batch, threads=args.threads, workers=args.workers, int8=args.int8,
-        boxes_out=boxes_out, report=args.report,
-    )  # fmt: skip
+        args.data,
+        args.ensemble,
+        args.out,
+        mode=args.mode,
+        runtime=args.runtime,
+        device=args.device,
+        tta_flip=args.tta_flip,
+        batch_size=args.batch,
+        threads=args.threads,
+        workers=args.workers,
+        int8=args.int8,
+        boxes_out=boxes_out,
+        report=args.report,
+    )
     print("\n".join(prediction.lines))
     return 0

@@ -27,9 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="report folder to write")
     parser.add_argument("--name", default="this run", help="name of --pred in the side-by-side table")
     parser.add_argument(
-        "--compare", action="append", default=[], metavar="NAME=PRED.csv",
+        "--compare",
+        action="append",
+        default=[],
+        metavar="NAME=PRED.csv",
         help="another submission on the same truth, shown side by side (repeatable)",
-    )  # fmt: skip
+    )
     parser.add_argument("--config", type=Path, default=None, help="resolved config YAML to include")
     parser.add_argument(
         "--cleaning", type=Path, default=None, help="cleaning_report.csv or the output folder of `cytologia clean`"
@@ -72,10 +75,19 @@ def run(args: argparse.Namespace) -> int:
             raise CytologiaInputError(f"{args.times}: expected a JSON object stage -> seconds")
     folds = in_data("folds.csv")
     index = write_report(
-        args.out, read_truth(args.truth), read_predictions(args.pred), sources=in_data("sources.csv"),
-        image_dir=in_data("images"), folds=folds, train=in_data("train.csv") if folds is not None else None,
-        cleaning_report=args.cleaning, stage_times=times, config=args.config,
-        extra_scores=_compare(args.compare, args.truth) or None, name=args.name, n_gallery=args.gallery,
-    )  # fmt: skip
+        args.out,
+        read_truth(args.truth),
+        read_predictions(args.pred),
+        sources=in_data("sources.csv"),
+        image_dir=in_data("images"),
+        folds=folds,
+        train=in_data("train.csv") if folds is not None else None,
+        cleaning_report=args.cleaning,
+        stage_times=times,
+        config=args.config,
+        extra_scores=_compare(args.compare, args.truth) or None,
+        name=args.name,
+        n_gallery=args.gallery,
+    )
     print(f"wrote {index}")
     return 0

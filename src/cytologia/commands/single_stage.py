@@ -22,14 +22,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=d.model, help=f"ultralytics YOLO architecture (default {d.model})")
     parser.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs (default {d.epochs})")
     parser.add_argument(
-        "--time-min", type=float, default=None,
+        "--time-min",
+        type=float,
+        default=None,
         help="training budget in minutes (of --clock), validation included; replaces --epochs as the limit",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--clock", choices=["wall", "cpu"], default=d.clock,
+        "--clock",
+        choices=["wall", "cpu"],
+        default=d.clock,
         help="what --time-min counts: wall time, or this process's CPU time (the same on a busy machine; "
         f"default {d.clock})",
-    )  # fmt: skip
+    )
     parser.add_argument("--img-size", type=int, default=d.img_size, help=f"input side, px (default {d.img_size})")
     parser.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
     parser.add_argument("--lr", type=float, default=d.lr, help=f"default {d.lr}")
@@ -42,10 +46,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", type=Path, default=None, help="dataset cache folder (default OUT/cache)")
     parser.add_argument("--strict", action="store_true", help="refuse train.csv rows that need a fix (lenient default)")
     parser.add_argument(
-        "--train-arg", action="append", default=[], metavar="KEY=VALUE",
+        "--train-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="extra ultralytics train argument (YAML value), repeatable; e.g. on a few-minute CPU budget "
         "nbs=BATCH (one optimizer step per batch instead of accumulating to 64) and warmup_epochs=1",
-    )  # fmt: skip
+    )
 
 
 def _train_args(specs: list[str]) -> dict[str, Any]:
@@ -68,13 +75,27 @@ def run(args: argparse.Namespace) -> int:
     from cytologia.single_stage import SingleStageSettings, run_single_stage, summary_lines
 
     settings = SingleStageSettings(
-        model=args.model, img_size=args.img_size, epochs=args.epochs, time_min=args.time_min, clock=args.clock,
-        batch_size=args.batch_size, lr=args.lr, device=args.device, workers=args.workers, seed=args.seed,
-        weights=args.weights, extra=_train_args(args.train_arg),
-    )  # fmt: skip
+        model=args.model,
+        img_size=args.img_size,
+        epochs=args.epochs,
+        time_min=args.time_min,
+        clock=args.clock,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        device=args.device,
+        workers=args.workers,
+        seed=args.seed,
+        weights=args.weights,
+        extra=_train_args(args.train_arg),
+    )
     metrics = run_single_stage(
-        args.data, args.out, settings, fold=args.fold, folds_k=args.folds_k, cache_dir=args.cache,
+        args.data,
+        args.out,
+        settings,
+        fold=args.fold,
+        folds_k=args.folds_k,
+        cache_dir=args.cache,
         lenient=not args.strict,
-    )  # fmt: skip
+    )
     print("\n".join(summary_lines(metrics, args.out)))
     return 0

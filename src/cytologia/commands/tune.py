@@ -41,9 +41,18 @@ def run(args: argparse.Namespace) -> int:
 
     members = [m.strip() for m in args.members.split(",") if m.strip()] if args.members else None
     tuned = tune_ensemble(
-        args.oof, args.truth, args.out, members=members, multilabel=args.multilabel, tta=args.tta, boxes=args.boxes,
-        folds=args.folds, class_bias=args.class_bias, heldout=not args.no_heldout, detector=args.detector,
+        args.oof,
+        args.truth,
+        args.out,
+        members=members,
+        multilabel=args.multilabel,
+        tta=args.tta,
+        boxes=args.boxes,
+        folds=args.folds,
+        class_bias=args.class_bias,
+        heldout=not args.no_heldout,
+        detector=args.detector,
         det_img_size=args.det_img_size,
-    )  # fmt: skip
+    )
     print("\n".join(tuned.lines))
     return 0

@@ -384,8 +384,10 @@ def make_folds(
         source_folds = {str(s): int(f) for s, f in sorted(set(zip(src[known].tolist(), fold[known].tolist())))}
         per_block = pd.Series(src[known]).groupby(blocks[known]).nunique()
         if (per_block > 1).any():
-            warn(f"duplicate images link {int(per_block[per_block > 1].sum())} sources to others: linked sources "
-                 "share a fold")  # fmt: skip
+            warn(
+                f"duplicate images link {int(per_block[per_block > 1].sum())} sources to others: linked sources "
+                "share a fold"
+            )
 
     folds = pd.DataFrame({"NAME": names.to_numpy(), "fold": fold.astype(np.int64)}, columns=list(FOLD_COLUMNS))
     report = FoldReport(

@@ -219,8 +219,13 @@ def find_duplicates(
     hashes = np.array([v if v is not None else 0 for v in hashes_opt], dtype=np.uint64)
     if not readable.all():
         bad = [str(p) for p, ok in zip(paths, readable) if not ok]
-        log.warning("%d of %d images could not be decoded and are left ungrouped: %s%s", len(bad), n,
-                    ", ".join(bad[:5]), " ..." if len(bad) > 5 else "")  # fmt: skip
+        log.warning(
+            "%d of %d images could not be decoded and are left ungrouped: %s%s",
+            len(bad),
+            n,
+            ", ".join(bad[:5]),
+            " ..." if len(bad) > 5 else "",
+        )
     ok_idx = np.flatnonzero(readable)
 
     # Candidate pairs at the larger of the two radii, then split into exact (same pixels) and near (<= threshold).
@@ -258,9 +263,15 @@ def find_duplicates(
     table = table[list(DUPLICATE_COLUMNS)]
     if in_group.any():
         summary = duplicate_summary(table)
-        log.info("duplicates: %d groups (%d exact, %d near) over %d images; %d train-only, %d train-test",
-                 summary["groups"], summary["exact_groups"], summary["near_groups"], summary["images_in_groups"],
-                 summary["train_only_groups"], summary["train_test_groups"])  # fmt: skip
+        log.info(
+            "duplicates: %d groups (%d exact, %d near) over %d images; %d train-only, %d train-test",
+            summary["groups"],
+            summary["exact_groups"],
+            summary["near_groups"],
+            summary["images_in_groups"],
+            summary["train_only_groups"],
+            summary["train_test_groups"],
+        )
     return table
 
 

@@ -74,9 +74,15 @@ _LIBJPEG_WARNING = re.compile(
     rb"|Application transferred too many scanlines)\n"
 )
 _LIBJPEG_STARTS: tuple[bytes, ...] = (
-    b"Corrupt JPEG data: ", b"Premature end of JPEG file", b"Invalid SOS parameters", b"Inconsistent progression",
-    b"Unknown Adobe color", b"Warning: unknown JFIF", b"Warning: thumbnail image", b"Application transferred",
-)  # fmt: skip
+    b"Corrupt JPEG data: ",
+    b"Premature end of JPEG file",
+    b"Invalid SOS parameters",
+    b"Inconsistent progression",
+    b"Unknown Adobe color",
+    b"Warning: unknown JFIF",
+    b"Warning: thumbnail image",
+    b"Application transferred",
+)
 JPEG_WARNINGS_FILE = "jpeg_warnings.csv"  # per-image list a capture writes next to its stage's outputs
 JPEG_WARNING_COLUMNS: tuple[str, ...] = ("image", "messages", "message")
 UNNAMED = "(decoder did not name the image)"  # ``image`` of the row counting messages no decode claimed

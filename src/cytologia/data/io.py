@@ -553,9 +553,11 @@ def validate_submission(
         h = np.where(at >= 0, sizes["img_h"].to_numpy(np.float64)[at], np.nan)
         tol = _INSIDE_TOLERANCE
         with np.errstate(invalid="ignore"):
-            out_of = (at >= 0) & np.isfinite(boxes).all(axis=1) & (
-                (boxes[:, 0] < -tol) | (boxes[:, 1] < -tol) | (boxes[:, 2] > w + tol) | (boxes[:, 3] > h + tol)
-            )  # fmt: skip
+            out_of = (
+                (at >= 0)
+                & np.isfinite(boxes).all(axis=1)
+                & ((boxes[:, 0] < -tol) | (boxes[:, 1] < -tol) | (boxes[:, 2] > w + tol) | (boxes[:, 3] > h + tol))
+            )
         problems.add(
             "outside_image", out_of, lambda i: f"box {_fmt_box(boxes[i])} is not inside the image ({w[i]:g} x {h[i]:g})"
         )

@@ -108,9 +108,13 @@ def ensure_folds(cfg: DictConfig, table: pd.DataFrame, root: Path) -> pd.DataFra
         dups = find_duplicates(root / "images", names, near_threshold=cfg.folds.near_threshold)
         dup_groups = dups.set_index("NAME")["dup_group"]
         folds, report = make_folds(
-            table, k=k, seed=int(cfg.folds.seed), mode=str(cfg.folds.mode), image_dir=root / "images",
+            table,
+            k=k,
+            seed=int(cfg.folds.seed),
+            mode=str(cfg.folds.mode),
+            image_dir=root / "images",
             dup_groups=dup_groups,
-        )  # fmt: skip
+        )
         write_text_atomic(root / FOLDS_REPORT, json.dumps(report.to_dict(), indent=1, default=str) + "\n")
         write_text_atomic(path, folds.to_csv(index=False))  # last: folds.csv present means its report is too
         log.info("%s\nwrote %s", report.summary(), path)

@@ -7,9 +7,30 @@ that wants a 24th "background" label asks for :func:`labels` with ``background=T
 from __future__ import annotations
 
 CLASSES: tuple[str, ...] = (
-    "B", "BA", "EO", "Er", "LAM3", "LF", "LGL", "LH_lyAct", "LLC", "LM", "LY", "LZMG", "LyB",
-    "Lysee", "M", "MBL", "MM", "MO", "MoB", "PM", "PNN", "SS", "Thromb",
-)  # fmt: skip
+    "B",
+    "BA",
+    "EO",
+    "Er",
+    "LAM3",
+    "LF",
+    "LGL",
+    "LH_lyAct",
+    "LLC",
+    "LM",
+    "LY",
+    "LZMG",
+    "LyB",
+    "Lysee",
+    "M",
+    "MBL",
+    "MM",
+    "MO",
+    "MoB",
+    "PM",
+    "PNN",
+    "SS",
+    "Thromb",
+)
 CLASS_TO_INDEX: dict[str, int] = {name: i for i, name in enumerate(CLASSES)}
 BACKGROUND = "background"
 NO_PREDICTION = "None"  # the label an image with no kept prediction gets in the score

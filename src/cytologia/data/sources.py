@@ -29,9 +29,24 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FEATURE_COLUMNS: tuple[str, ...] = (
-    "NAME", "readable", "img_w", "img_h", "q_luma", "q_chroma", "q_hash", "sampling",
-    "L_mean", "a_mean", "b_mean", "L_std", "a_std", "b_std", "bg_L", "bg_a", "bg_b",
-)  # fmt: skip
+    "NAME",
+    "readable",
+    "img_w",
+    "img_h",
+    "q_luma",
+    "q_chroma",
+    "q_hash",
+    "sampling",
+    "L_mean",
+    "a_mean",
+    "b_mean",
+    "L_std",
+    "a_std",
+    "b_std",
+    "bg_L",
+    "bg_a",
+    "bg_b",
+)
 COLOUR_COLUMNS: tuple[str, ...] = ("L_mean", "a_mean", "b_mean", "L_std", "a_std", "b_std")
 # Background (white point): mean L*a*b* of the brightest pixels -- the glass and plasma between the cells. It shows
 # the scanner's illumination, white balance and plasma tint, and hardly depends on which cells the image holds; the
@@ -141,8 +156,13 @@ def image_features(image_dir: Path, names: Sequence[str], workers: int | None = 
     bad = feats.loc[~feats["readable"], "NAME"].tolist()
     if bad:
         shown = ", ".join(bad[:10]) + (f", ... ({len(bad) - 10} more)" if len(bad) > 10 else "")
-        log.warning("%d of %d images in %s could not be read; their statistics are missing: %s",
-                    len(bad), len(names), image_dir, shown)  # fmt: skip
+        log.warning(
+            "%d of %d images in %s could not be read; their statistics are missing: %s",
+            len(bad),
+            len(names),
+            image_dir,
+            shown,
+        )
     return feats
 
 

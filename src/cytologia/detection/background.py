@@ -53,8 +53,12 @@ FILL_NOISE = 3.0  # grey levels, sd of the noise of the "fill" method
 def _box_int(box: Sequence[float], w: int, h: int, grow: float = 0.0) -> tuple[int, int, int, int]:
     x1, y1, x2, y2 = (float(v) for v in box)
     gx, gy = grow * (x2 - x1), grow * (y2 - y1)
-    return (max(0, int(np.floor(x1 - gx))), max(0, int(np.floor(y1 - gy))),
-            min(w, int(np.ceil(x2 + gx))), min(h, int(np.ceil(y2 + gy))))  # fmt: skip
+    return (
+        max(0, int(np.floor(x1 - gx))),
+        max(0, int(np.floor(y1 - gy))),
+        min(w, int(np.ceil(x2 + gx))),
+        min(h, int(np.ceil(y2 + gy))),
+    )
 
 
 def outside_mask(shape: tuple[int, ...], boxes: np.ndarray, grow: float = GROW) -> np.ndarray:

@@ -154,9 +154,16 @@ class Detector(ABC):
     # --------------------------------------------------------------------------------- shared: the prediction loop
     @classmethod
     def boxes_from_output(
-        cls, raw: Any, frames: Sequence[Frame], size: int, *, conf: float, iou: float, max_det: int,
+        cls,
+        raw: Any,
+        frames: Sequence[Frame],
+        size: int,
+        *,
+        conf: float,
+        iou: float,
+        max_det: int,
         flipped: bool = False,
-    ) -> list[np.ndarray]:  # fmt: skip
+    ) -> list[np.ndarray]:
         """Raw output of a batch -> per image an (n, 5) array ``x1, y1, x2, y2, score`` in the image's own pixels:
         :meth:`decode`, then un-mirrored when the input was ``flipped``, mapped through each image's letterbox
         ``frames`` and clipped to the image."""
@@ -190,9 +197,17 @@ class Detector(ABC):
             return cls.boxes_from_output(raw, frames, img_size, conf=conf, iou=iou, max_det=max_det, flipped=flipped)
 
         return detect_in_batches(
-            forward, decode_output, images, names, img_size=img_size, tta_flip=tta_flip, batch_size=batch_size,
-            workers=workers, columns=PREDICT_COLUMNS, types={c: np.float64 for c in (*BOX_COLUMNS, "score")},
-        )  # fmt: skip
+            forward,
+            decode_output,
+            images,
+            names,
+            img_size=img_size,
+            tta_flip=tta_flip,
+            batch_size=batch_size,
+            workers=workers,
+            columns=PREDICT_COLUMNS,
+            types={c: np.float64 for c in (*BOX_COLUMNS, "score")},
+        )
 
     def predict(
         self,
@@ -210,9 +225,16 @@ class Detector(ABC):
         """Boxes (:data:`PREDICT_COLUMNS`) of each image in its own pixel frame; ``tta_flip`` adds a pass on the
         mirrored image (rows with ``tta == "hflip"``, boxes mapped back). ``names`` default to the file names."""
         return self.detect_images(
-            self.forward_fn(device), images, names, img_size=img_size, conf=conf, iou=iou, max_det=max_det,
-            tta_flip=tta_flip, batch_size=batch_size,
-        )  # fmt: skip
+            self.forward_fn(device),
+            images,
+            names,
+            img_size=img_size,
+            conf=conf,
+            iou=iou,
+            max_det=max_det,
+            tta_flip=tta_flip,
+            batch_size=batch_size,
+        )
 
     # ----------------------------------------------------------------------------------------- shared: ONNX export
     def export_onnx(self, path: str | Path, *, img_size: int, opset: int | None = None) -> Path:
@@ -225,9 +247,15 @@ class Detector(ABC):
         return record_backend(self.write_onnx(Path(path), img_size=img_size, opset=opset), self.backend)
 
     def verify_onnx(
-        self, onnx_path: str | Path, images: Sequence[str | Path], img_size: int, *, conf: float = 0.001,
-        iou: float = 0.6, max_det: int = 50,
-    ) -> ParityReport:  # fmt: skip
+        self,
+        onnx_path: str | Path,
+        images: Sequence[str | Path],
+        img_size: int,
+        *,
+        conf: float = 0.001,
+        iou: float = 0.6,
+        max_det: int = 50,
+    ) -> ParityReport:
         """ONNX Runtime against this detector on ``images`` (:func:`cytologia.detection.export.verify_onnx`)."""
         from cytologia.detection.export import verify_onnx
 

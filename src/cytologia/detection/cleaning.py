@@ -58,9 +58,19 @@ ACTIONS: dict[str, tuple[str, ...]] = {
 # unannotated); det_*: the detection paired with it (NaN when none); iou/giou: of that pair (for an unconfirmed box
 # without a pair: its best IoU with any detection, giou NaN); score: the detection's score.
 REPORT_COLUMNS: tuple[str, ...] = (
-    "NAME", "box_id", "flag", "action", "iou", "giou", "score", *BOX_COLUMNS,
-    "det_x1", "det_y1", "det_x2", "det_y2",
-)  # fmt: skip
+    "NAME",
+    "box_id",
+    "flag",
+    "action",
+    "iou",
+    "giou",
+    "score",
+    *BOX_COLUMNS,
+    "det_x1",
+    "det_y1",
+    "det_x2",
+    "det_y2",
+)
 # Which noise.csv kinds each flag is meant to catch (cytologia.data.synthetic.defects). A red cell that replaced a
 # leukocyte's box leaves two defects: the box on the red cell (unconfirmed) and the leukocyte now unannotated.
 EXPECTED_KINDS: dict[str, tuple[str, ...]] = {
@@ -72,8 +82,12 @@ EXPECTED_KINDS: dict[str, tuple[str, ...]] = {
 ROW_KINDS: tuple[str, ...] = ("box_jitter", "red_cell_extra", "red_cell_replace", "past_border")  # a train row
 MISSING_KINDS: tuple[str, ...] = ("unannotated_border", "red_cell_replace")  # a cell with no train row
 NOT_CLEANING: tuple[str, ...] = (  # handled by data.hygiene (duplicates) and data.images (corrupt files)
-    "duplicate_exact", "duplicate_reencoded", "duplicate_shifted", "truncated_jpeg", "extraneous_bytes",
-)  # fmt: skip
+    "duplicate_exact",
+    "duplicate_reencoded",
+    "duplicate_shifted",
+    "truncated_jpeg",
+    "extraneous_bytes",
+)
 
 
 @dataclass(frozen=True)
@@ -183,8 +197,12 @@ def _detections(boxes: pd.DataFrame, cfg: CleaningConfig, source: str) -> pd.Dat
     det = validate_boxes(boxes, source, require_fold=False)
     n_models = det.groupby("NAME")["model"].nunique()
     if len(n_models) and n_models.max() > 1:  # TTA variants / several checkpoints per image: fuse them first
-        log.info("%s: several models per image (%s); fusing with WBF (IoU %.2f)", source,
-                 ", ".join(map(str, pd.unique(det["model"])[:6])), cfg.fusion_iou)  # fmt: skip
+        log.info(
+            "%s: several models per image (%s); fusing with WBF (IoU %.2f)",
+            source,
+            ", ".join(map(str, pd.unique(det["model"])[:6])),
+            cfg.fusion_iou,
+        )
         det = weighted_box_fusion(det, iou_thr=cfg.fusion_iou, source=source)
     det = det[det["score"].to_numpy() >= cfg.min_score].reset_index(drop=True)
     return det
@@ -404,8 +422,12 @@ def clean_annotations(
         "detections": len(det),
     }
     if images and counts["images_without_detection"] > 0.2 * images:
-        log.warning("%s: %d of %d training images have no detection at all -- is it the out-of-fold table of this "
-                    "data set?", source, counts["images_without_detection"], images)  # fmt: skip
+        log.warning(
+            "%s: %d of %d training images have no detection at all -- is it the out-of-fold table of this data set?",
+            source,
+            counts["images_without_detection"],
+            images,
+        )
     return CleaningResult(cleaned=cleaned, report=report, counts=counts)
 
 
@@ -473,8 +495,9 @@ def clean_truth(annotations: pd.DataFrame, noise: pd.DataFrame) -> tuple[pd.Data
                 if box is not None:
                     red.append((r["NAME"], *box))
     extra = nz[nz["kind"] == "unannotated_border"]
-    added = pd.DataFrame({"NAME": extra["NAME"].to_numpy(), "box_id": -1,
-                          **{c: extra[c].to_numpy(np.float64) for c in BOX_COLUMNS}})  # fmt: skip
+    added = pd.DataFrame(
+        {"NAME": extra["NAME"].to_numpy(), "box_id": -1, **{c: extra[c].to_numpy(np.float64) for c in BOX_COLUMNS}}
+    )
     if "class" in truth.columns:
         added["class"] = extra["class"].to_numpy() if "class" in extra.columns else ""
     added["defect"] = "unannotated_border"
@@ -553,16 +576,21 @@ def evaluate_cleaning(report: pd.DataFrame, noise: pd.DataFrame, cell_iou: float
         name = kind if kind == "unannotated_border" else f"{kind} (missed cell)"
         add("kind", name, int(sel.sum()), int(found[sel].sum()), int(found[sel].sum()))
 
-    bad_images = set(nz.loc[nz["kind"].isin([k for k in ROW_KINDS if k != "past_border"] + list(MISSING_KINDS)),
-                            "NAME"])  # fmt: skip
+    bad_images = set(
+        nz.loc[nz["kind"].isin([k for k in ROW_KINDS if k != "past_border"] + list(MISSING_KINDS)), "NAME"]
+    )
     flagged_images = set(rep["NAME"])
     add("image", "images", len(bad_images), len(flagged_images), len(bad_images & flagged_images))
     return pd.DataFrame(out)
 
 
 # ------------------------------------------------------------------------------------------------ a data folder
-CLEAN_OUTPUTS: tuple[str, ...] = ("train_clean.csv", "cleaning_report.csv", "cleaning_summary.json",
-                                  "cleaning_eval.csv")  # fmt: skip
+CLEAN_OUTPUTS: tuple[str, ...] = (
+    "train_clean.csv",
+    "cleaning_report.csv",
+    "cleaning_summary.json",
+    "cleaning_eval.csv",
+)
 
 
 @dataclass

@@ -47,8 +47,14 @@ def export_detector(
     detector and the path."""
     detector = load_detector(weights)
     path = detector.export_onnx(out, img_size=img_size, opset=opset)
-    log.info("exported %s (%s/%s) to %s (%.1f MB)", weights, detector.backend, detector.model, path,
-             path.stat().st_size / 1e6)  # fmt: skip
+    log.info(
+        "exported %s (%s/%s) to %s (%.1f MB)",
+        weights,
+        detector.backend,
+        detector.model,
+        path,
+        path.stat().st_size / 1e6,
+    )
     return detector, path
 
 
@@ -78,9 +84,12 @@ class OnnxDetector:
     another backend than ``backend`` is an error; one recording none needs ``backend`` to predict."""
 
     def __init__(
-        self, path: str | Path, threads: int | None = None, providers: Sequence[str] | None = None,
+        self,
+        path: str | Path,
+        threads: int | None = None,
+        providers: Sequence[str] | None = None,
         backend: str | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -122,12 +131,21 @@ class OnnxDetector:
     ) -> pd.DataFrame:
         """Boxes of ``images`` as :meth:`Detector.predict` gives them, with the graph in place of the torch network."""
         if self.backend is None:
-            raise CytologiaInputError(f"{self.path}: the graph does not record its detector backend ({BACKEND_KEY}); "
-                                      "give OnnxDetector(..., backend=NAME)")  # fmt: skip
+            raise CytologiaInputError(
+                f"{self.path}: the graph does not record its detector backend ({BACKEND_KEY}); "
+                "give OnnxDetector(..., backend=NAME)"
+            )
         return get_backend(self.backend).detect_images(
-            self.forward, images, names, img_size=img_size, conf=conf, iou=iou, max_det=max_det, tta_flip=tta_flip,
+            self.forward,
+            images,
+            names,
+            img_size=img_size,
+            conf=conf,
+            iou=iou,
+            max_det=max_det,
+            tta_flip=tta_flip,
             batch_size=batch_size,
-        )  # fmt: skip
+        )
 
 
 @dataclass
@@ -205,9 +223,15 @@ def verify_onnx(
     mismatch, worst = _nearest_box_diff(boxes_t, boxes_o)
     passed = raw_box <= RAW_BOX_ATOL_PX and raw_score <= RAW_SCORE_ATOL and worst <= BOX_ATOL_PX
     return ParityReport(
-        n_images=len(images), raw_box_max_abs_px=raw_box, raw_score_max_abs=raw_score, n_boxes_torch=len(boxes_t),
-        n_boxes_onnx=len(boxes_o), images_with_count_mismatch=mismatch, box_max_abs_px=worst, passed=passed,
-    )  # fmt: skip
+        n_images=len(images),
+        raw_box_max_abs_px=raw_box,
+        raw_score_max_abs=raw_score,
+        n_boxes_torch=len(boxes_t),
+        n_boxes_onnx=len(boxes_o),
+        images_with_count_mismatch=mismatch,
+        box_max_abs_px=worst,
+        passed=passed,
+    )
 
 
 def generated_images(out_dir: str | Path, n: int = 8, size: int = 368, seed: int = 0) -> list[Path]:

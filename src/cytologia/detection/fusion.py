@@ -70,8 +70,26 @@ IOU_EPS = 1e-12  # floor on the union in the IoU of WBF and NMS (ensemble-boxes 
 # order of the study for "no box, N >= 2" (each next pad adds most to the expected best-of-pads score): full, prior,
 # then quadrants and the edge cells of the 3x3 grid; steps 2-7 are measured on >= 53 images, the tail is a fixed
 # spread of the remaining candidates. No two pads of one image are the same box.
-_SPREAD = ("prior", "q_bl", "g01", "g10", "g12", "g21", "q_br", "q_tr", "g20", "q_tl", "g00", "g02", "g22", "g11",
-           "left", "right", "top", "bottom")  # fmt: skip
+_SPREAD = (
+    "prior",
+    "q_bl",
+    "g01",
+    "g10",
+    "g12",
+    "g21",
+    "q_br",
+    "q_tr",
+    "g20",
+    "q_tl",
+    "g00",
+    "g02",
+    "g22",
+    "g11",
+    "left",
+    "right",
+    "top",
+    "bottom",
+)
 PAD_ORDER: dict[str, tuple[str, ...]] = {
     "empty_single": ("prior", "full"),  # no detection, single-cell image (one pad)
     "empty_multi": ("full", *_SPREAD),  # no detection, several cells
@@ -80,8 +98,19 @@ PAD_ORDER: dict[str, tuple[str, ...]] = {
 # Median side sqrt(w*h) of a cell box relative to min(image w, h) in single-cell images of the real train.csv, and
 # the shrink of the median box with the number of cells in the image (real_stats.json size_by_cells).
 PRIOR_REL_SIDE = 0.40
-PRIOR_SHRINK: dict[int, float] = {1: 1.0, 2: 0.895, 3: 0.799, 4: 0.671, 5: 0.608, 6: 0.578, 7: 0.568, 8: 0.545,
-                                  9: 0.544, 10: 0.529, 11: 0.509}  # fmt: skip
+PRIOR_SHRINK: dict[int, float] = {
+    1: 1.0,
+    2: 0.895,
+    3: 0.799,
+    4: 0.671,
+    5: 0.608,
+    6: 0.578,
+    7: 0.568,
+    8: 0.545,
+    9: 0.544,
+    10: 0.529,
+    11: 0.509,
+}
 CANDIDATES: tuple[str, ...] = PAD_ORDER["empty_multi"]  # every candidate, once
 
 
@@ -351,8 +380,10 @@ def known_count(
     if (~in_counts).any():
         log.info(
             "%s: %d box(es) of %d image(s) not in the count list left out",
-            source, int((~in_counts).sum()), table.loc[~in_counts, "NAME"].nunique(),
-        )  # fmt: skip
+            source,
+            int((~in_counts).sum()),
+            table.loc[~in_counts, "NAME"].nunique(),
+        )
     table = table[in_counts]
     table = table.iloc[np.lexsort((-table["score"].to_numpy(), table["NAME"].to_numpy(dtype=object)))]
     rank = table.groupby("NAME", sort=False).cumcount().to_numpy()
@@ -386,8 +417,12 @@ def _pads(short: pd.Series, found: np.ndarray, image_sizes, columns: pd.Index) -
                 cand = order[j]
             else:  # more missing cells than distinct candidates (never in the real test list: at most 11 cells)
                 cand = "full"
-                log.warning("%s: %d pads needed, only %d distinct candidates; repeating the full box", name,
-                            int(need[i]), len(order))  # fmt: skip
+                log.warning(
+                    "%s: %d pads needed, only %d distinct candidates; repeating the full box",
+                    name,
+                    int(need[i]),
+                    len(order),
+                )
             rows_name.append(name)
             rows_box.append(cands[cand][i])
             rows_model.append(PAD_PREFIX + cand)
@@ -463,9 +498,16 @@ def pad_study(
         # pads an image gets in this situation: every cell when nothing was found, one otherwise
         n_pads = n_cells[cell_img_a] if mode is None else np.ones(len(cell_img_a), np.int64)
         chosen: list[str] = []
-        rows.append({"situation": situation, "step": 0, "candidate": "none",
-                     "value": float(((np.maximum(best, -1.0) + 1) / 2).mean()), "chosen": True,
-                     "n_images": len(imgs)})  # fmt: skip
+        rows.append(
+            {
+                "situation": situation,
+                "step": 0,
+                "candidate": "none",
+                "value": float(((np.maximum(best, -1.0) + 1) / 2).mean()),
+                "chosen": True,
+                "n_images": len(imgs),
+            }
+        )
         for step in range(1, len(cands) + 1):
             active = n_pads >= step
             if not active.any():
@@ -476,8 +518,16 @@ def pad_study(
             pick = max(values, key=lambda c: values[c])
             n_img = len(np.unique(cell_img_a[active]))
             for c, v in values.items():
-                rows.append({"situation": situation, "step": step, "candidate": c, "value": v,
-                             "chosen": c == pick, "n_images": n_img})  # fmt: skip
+                rows.append(
+                    {
+                        "situation": situation,
+                        "step": step,
+                        "candidate": c,
+                        "value": v,
+                        "chosen": c == pick,
+                        "n_images": n_img,
+                    }
+                )
             chosen.append(pick)
             best = np.where(active, np.maximum(best, g[pick]), best)
     return pd.DataFrame(rows)

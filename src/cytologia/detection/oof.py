@@ -167,7 +167,7 @@ def known_count_matches(
                 "x2": lookup["img_w"].to_numpy(np.float64),
                 "y2": lookup["img_h"].to_numpy(np.float64),
                 "score": -np.inf,
-            }  # fmt: skip
+            }
         )
         b = pd.concat([b, pad], ignore_index=True)
     # every (truth, kept box) pair of an image: at most N^2 per image, N <= 11 on real data

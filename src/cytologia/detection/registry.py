@@ -28,10 +28,24 @@ from cytologia.detection.base import BACKEND_KEY, PREDICT_COLUMNS, Detector, rea
 from cytologia.errors import CytologiaInputError
 
 __all__ = [  # Detector and PREDICT_COLUMNS live in cytologia.detection.base; imported from here too
-    "BACKENDS", "CLASS_NAME", "PREDICT_COLUMNS", "DetectionData", "Detector", "TrainResult", "TrainSettings",
-    "agreed_backend", "backend_available", "backend_of_model", "checkpoint_backend", "create_detector", "get_backend",
-    "list_detectors", "load_detector", "register_backend", "require_optional",
-]  # fmt: skip
+    "BACKENDS",
+    "CLASS_NAME",
+    "PREDICT_COLUMNS",
+    "DetectionData",
+    "Detector",
+    "TrainResult",
+    "TrainSettings",
+    "agreed_backend",
+    "backend_available",
+    "backend_of_model",
+    "checkpoint_backend",
+    "create_detector",
+    "get_backend",
+    "list_detectors",
+    "load_detector",
+    "register_backend",
+    "require_optional",
+]
 
 log = logging.getLogger(__name__)
 
@@ -189,8 +203,10 @@ def checkpoint_backend(checkpoint: str | Path) -> str:
     name = recorded_backend(header)
     if name is not None:
         if name not in BACKENDS:
-            raise CytologiaInputError(f"{header.path}: written by detector backend {name!r}, which is not registered"
-                                      f"{_closest(name, sorted(BACKENDS))}")  # fmt: skip
+            raise CytologiaInputError(
+                f"{header.path}: written by detector backend {name!r}, which is not registered"
+                f"{_closest(name, sorted(BACKENDS))}"
+            )
         return name
     for name in sorted(BACKENDS):
         need = OPTIONAL_PACKAGES.get(name)

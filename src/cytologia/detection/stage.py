@@ -85,9 +85,13 @@ def train_settings(cfg: DictConfig) -> TrainSettings:
     """The detector group as :class:`TrainSettings`, field by name (``train_args`` -> ``extra``, ``seed`` from the
     run): a detector key that is neither a setting nor in :data:`NOT_TRAIN_SETTINGS` is an error."""
     return settings_from(
-        TrainSettings, cfg.detector, rename={"train_args": "extra"}, skip=NOT_TRAIN_SETTINGS, source="detector",
+        TrainSettings,
+        cfg.detector,
+        rename={"train_args": "extra"},
+        skip=NOT_TRAIN_SETTINGS,
+        source="detector",
         seed=int(cfg.seed),
-    )  # fmt: skip
+    )
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -100,10 +104,16 @@ def oof_boxes(
     det = cfg.detector
     start = time.perf_counter()
     pred = detector.predict(
-        [image_dir / n for n in names], img_size=int(det.img_size), conf=float(det.conf), iou=float(det.nms_iou),
-        max_det=int(det.max_det), tta_flip=bool(det.tta_flip), batch_size=int(det.predict_batch),
-        device=str(det.device), names=names,
-    )  # fmt: skip
+        [image_dir / n for n in names],
+        img_size=int(det.img_size),
+        conf=float(det.conf),
+        iou=float(det.nms_iou),
+        max_det=int(det.max_det),
+        tta_flip=bool(det.tta_flip),
+        batch_size=int(det.predict_batch),
+        device=str(det.device),
+        names=names,
+    )
     seconds = time.perf_counter() - start
     base = model_id(det)
     out = pred.drop(columns="tta")

@@ -331,10 +331,16 @@ class KnownCountValidator(DetectionValidator):
         """ultralytics' NMS as its validator calls it, without the time limit: on a loaded CPU the limit (2 s + 50 ms
         per image) is reached and the rest of the batch is left without boxes, which would corrupt the selection."""
         outputs = non_max_suppression(
-            preds, self.args.conf, self.args.iou, nc=0, multi_label=True,
-            agnostic=self.args.single_cls or self.args.agnostic_nms, max_det=self.args.max_det,
-            end2end=getattr(self, "end2end", False), max_time_img=float("inf"),
-        )  # fmt: skip
+            preds,
+            self.args.conf,
+            self.args.iou,
+            nc=0,
+            multi_label=True,
+            agnostic=self.args.single_cls or self.args.agnostic_nms,
+            max_det=self.args.max_det,
+            end2end=getattr(self, "end2end", False),
+            max_time_img=float("inf"),
+        )
         return [{"bboxes": x[:, :4], "conf": x[:, 4], "cls": x[:, 5], "extra": x[:, 6:]} for x in outputs]
 
     def update_metrics(self, preds: list[dict[str, torch.Tensor]], batch: dict[str, Any]) -> None:
@@ -431,9 +437,17 @@ def detect_with_classes(
         return map_back(nms(raw, conf=conf, iou=iou, max_det=max_det, with_class=True), frames, img_size, flipped)
 
     return detect_in_batches(
-        forward, decode_output, images, names, img_size=img_size, tta_flip=False, batch_size=batch_size,
-        workers=workers, columns=columns, types=types,
-    )  # fmt: skip
+        forward,
+        decode_output,
+        images,
+        names,
+        img_size=img_size,
+        tta_flip=False,
+        batch_size=batch_size,
+        workers=workers,
+        columns=columns,
+        types=types,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------- backend
@@ -586,9 +600,14 @@ class UltralyticsDetector(Detector):
             src = Path(tmp) / "detector.pt"  # ultralytics writes next to the weights: export from a scratch copy
             shutil.copyfile(self.checkpoint, src)
             kwargs: dict[str, Any] = {
-                "format": "onnx", "imgsz": img_size, "dynamic": True, "simplify": False, "nms": False,
-                "device": "cpu", "batch": 1,
-            }  # fmt: skip
+                "format": "onnx",
+                "imgsz": img_size,
+                "dynamic": True,
+                "simplify": False,
+                "nms": False,
+                "device": "cpu",
+                "batch": 1,
+            }
             if opset is not None:
                 kwargs["opset"] = opset
             written = Path(YOLO(str(src), task="detect").export(**kwargs))

@@ -91,8 +91,9 @@ def _classifier_run(oof_path: Path) -> tuple[Path, dict[str, Any], list[Path], l
             log.warning("%s: %d .onnx files and none named classifier.onnx: none used", fold_dir, len(found))
     ckpts = [p.resolve() for p in ckpts if p.is_file()]  # absolute: the ensemble file resolves relative paths
     if graphs and ckpts and len(graphs) != len(ckpts):
-        log.warning("%s: %d checkpoints but %d ONNX files: the onnx runtime uses the ONNX files", run, len(ckpts),
-                    len(graphs))  # fmt: skip
+        log.warning(
+            "%s: %d checkpoints but %d ONNX files: the onnx runtime uses the ONNX files", run, len(ckpts), len(graphs)
+        )
     return file, config, ckpts, graphs, select
 
 
@@ -112,10 +113,17 @@ def _member_spec(name: str, config: dict[str, Any], ckpts: list[Path], graphs: l
     num = 24 if c.get("background") else 23
     kind = "multilabel" if is_multilabel_model(name) or c.get("multilabel") else "cell"
     return MemberSpec(
-        name=name, kind=kind, arch=arch, img_size=int(img_size or 224),
-        margin=float(c.get("margin", 16)), tta_flip=tta, num_labels=num, checkpoints=[str(p) for p in ckpts],
-        onnx=[str(p) for p in graphs], oof_model=name,
-    )  # fmt: skip
+        name=name,
+        kind=kind,
+        arch=arch,
+        img_size=int(img_size or 224),
+        margin=float(c.get("margin", 16)),
+        tta_flip=tta,
+        num_labels=num,
+        checkpoints=[str(p) for p in ckpts],
+        onnx=[str(p) for p in graphs],
+        oof_model=name,
+    )
 
 
 def _detector_spec(path: Path, img_size: int | None) -> Any:
@@ -146,9 +154,13 @@ def _detector_spec(path: Path, img_size: int | None) -> Any:
     else:
         raise CytologiaInputError(f"{path}: ONNX graphs only and no detector.backend in config.yaml: name the backend")
     return DetectorSpec(
-        backend=backend, arch=d.get("model"), img_size=int(size),
-        checkpoints=[str(p) for p in ckpts], onnx=[str(p) for p in graphs], **{k: d[k] for k in keys if k in d},
-    )  # fmt: skip
+        backend=backend,
+        arch=d.get("model"),
+        img_size=int(size),
+        checkpoints=[str(p) for p in ckpts],
+        onnx=[str(p) for p in graphs],
+        **{k: d[k] for k in keys if k in d},
+    )
 
 
 def tune_ensemble(
@@ -228,9 +240,14 @@ def tune_ensemble(
     box_table = read_box_table(Path(boxes), "--boxes") if boxes is not None else None  # box_id = row, as cropped
     fold_table = read_folds(Path(folds)) if folds is not None else None
     data = prepare_tuning(
-        tables, truth_table, wanted, multilabel=multilabel, boxes=box_table, folds=fold_table,
+        tables,
+        truth_table,
+        wanted,
+        multilabel=multilabel,
+        boxes=box_table,
+        folds=fold_table,
         source=", ".join(map(str, oof)),
-    )  # fmt: skip
+    )
     result = tune(data, class_bias=class_bias, heldout=heldout)
     used = [*data.members, *([data.multilabel] if data.multilabel else [])]
     result.report["checkpoint_selection"] = {m: selection.get(m, "unknown") for m in used}

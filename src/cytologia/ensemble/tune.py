@@ -217,10 +217,18 @@ def prepare_tuning(
                 "multilabel %s: no logits for %d of %d boxes' images", multilabel, int(absent.sum()), len(names)
             )
     return TuneData(
-        members=members, logits=logits, names=names, fold=fold, single_cell=single, eval_row=eval_row,
-        eval_true=true_codes, eval_fold=eval_fold.astype(np.int64), image_prob=image_prob, multilabel=multilabel,
+        members=members,
+        logits=logits,
+        names=names,
+        fold=fold,
+        single_cell=single,
+        eval_row=eval_row,
+        eval_true=true_codes,
+        eval_fold=eval_fold.astype(np.int64),
+        image_prob=image_prob,
+        multilabel=multilabel,
         giou=giou,
-    )  # fmt: skip
+    )
 
 
 def _match_detected(
@@ -518,9 +526,13 @@ def summary(report: dict[str, Any]) -> str:
     if selection:  # trainer.select of the classification runs (commands/tune.py)
         modes = ", ".join(f"{m} {v}" for m, v in selection.items())
         peeked = [m for m, v in selection.items() if "best_val" in v]
-        lines.append(f"OOF logits from checkpoints chosen by (trainer.select): {modes}" + (
-            f" -- best_val picked the epoch on the held-out fold itself: the OOF figures of {', '.join(peeked)} and "
-            "the tuned gain are optimistic" if peeked else ""))  # fmt: skip
+        warning = ""
+        if peeked:
+            warning = (
+                f" -- best_val picked the epoch on the held-out fold itself: the OOF figures of {', '.join(peeked)} "
+                "and the tuned gain are optimistic"
+            )
+        lines.append(f"OOF logits from checkpoints chosen by (trainer.select): {modes}{warning}")
     lines.append(f"tuned on every fold (in-sample, optimistic): {report['in_sample_f1']:.4f}")
     h = report.get("heldout")
     if h:

@@ -111,13 +111,25 @@ def build_random_ensemble(
             ckpts.append(str(ckpt))
             graphs += [str(graph)] if onnx else []
         members.append(
-            MemberSpec(f"{name}_{size}", arch=name, img_size=size, margin=margin, tta_flip=tta_flip,
-                       checkpoints=ckpts, onnx=graphs, weight=1.0)
-        )  # fmt: skip
+            MemberSpec(
+                f"{name}_{size}",
+                arch=name,
+                img_size=size,
+                margin=margin,
+                tta_flip=tta_flip,
+                checkpoints=ckpts,
+                onnx=graphs,
+                weight=1.0,
+            )
+        )
     det = DetectorSpec(
-        backend=backend, arch=detector, img_size=det_size, checkpoints=[str(det_ckpt)],
-        onnx=[str(det_onnx)] if onnx else [], tta_flip=tta_flip,
-    )  # fmt: skip
+        backend=backend,
+        arch=detector,
+        img_size=det_size,
+        checkpoints=[str(det_ckpt)],
+        onnx=[str(det_onnx)] if onnx else [],
+        tta_flip=tta_flip,
+    )
     return write_ensemble(
         Ensemble(members, detector=det, tuning={"note": "random weights: for timing only"}), out / "ensemble.json"
     )
@@ -197,9 +209,14 @@ def bench_runtime(
 ) -> RuntimeBench:
     """Build the pipeline on ``runtime``, warm it up, and time it over ``paths``."""
     pipe = Pipeline(
-        ensemble, runtime=runtime, device=device, threads=threads, tta_flip=tta_flip, int8=int8,
+        ensemble,
+        runtime=runtime,
+        device=device,
+        threads=threads,
+        tta_flip=tta_flip,
+        int8=int8,
         batch_size=batch_size,
-    )  # fmt: skip
+    )
     if int8 == "measure":
         pipe.calibrate_int8(paths[: max(1, min(8, len(paths)))])
     if warmup:
@@ -208,10 +225,17 @@ def bench_runtime(
     reset = reset_peak_rss()
     result = pipe.predict(paths, counts=counts, mode=mode, prefetch=False)
     return RuntimeBench(
-        runtime=runtime, stages=stage_stats(result), images_per_s=len(paths) / result.wall_seconds,
-        n_images=len(paths), n_boxes=len(result.boxes), wall_s=result.wall_seconds, peak_rss_mb=peak_rss_mb(),
-        rss_reset=reset, cuda_peak_mb=_cuda_peak(cuda), info=pipe.describe(),
-    )  # fmt: skip
+        runtime=runtime,
+        stages=stage_stats(result),
+        images_per_s=len(paths) / result.wall_seconds,
+        n_images=len(paths),
+        n_boxes=len(result.boxes),
+        wall_s=result.wall_seconds,
+        peak_rss_mb=peak_rss_mb(),
+        rss_reset=reset,
+        cuda_peak_mb=_cuda_peak(cuda),
+        info=pipe.describe(),
+    )
 
 
 def _cuda_reset(runtime: str, device: str) -> bool:
@@ -331,7 +355,7 @@ def run(args: argparse.Namespace) -> int:
                 warmup=min(args.warmup, len(paths)),
                 tta_flip=args.tta_flip,
                 int8=args.int8,
-            )  # fmt: skip
+            )
             for rt in runtimes
         ]
     det = ensemble.detector

@@ -53,8 +53,15 @@ MODES: tuple[str, ...] = ("known-count", "open-world")
 PROB_PREFIX = "p_"  # probability columns of the output: p_B, p_BA, ...
 PROB_COLUMNS: tuple[str, ...] = tuple(f"{PROB_PREFIX}{c}" for c in CLASSES)
 OUTPUT_COLUMNS: tuple[str, ...] = (
-    "NAME", *BOX_COLUMNS, "score", "source", "known_count", "open_world", "class", *PROB_COLUMNS,
-)  # fmt: skip
+    "NAME",
+    *BOX_COLUMNS,
+    "score",
+    "source",
+    "known_count",
+    "open_world",
+    "class",
+    *PROB_COLUMNS,
+)
 DEFAULT_CLASSIFY_BATCH = 64  # crops per classifier call: bounds memory on many-cell batches
 Network = Callable[[np.ndarray], Any]  # float32 NCHW batch -> raw output (numpy, or a torch tensor for the detector)
 
@@ -330,8 +337,9 @@ class Pipeline:
                 path = self.ensemble.resolve(ckpt)
                 size = _checkpoint_img_size(path)
                 if size is not None and int(size) != spec.img_size:
-                    raise CytologiaInputError(f"member {spec.name}: {ckpt} was trained at {size} px, the file says "
-                                              f"img_size {spec.img_size}")  # fmt: skip
+                    raise CytologiaInputError(
+                        f"member {spec.name}: {ckpt} was trained at {size} px, the file says img_size {spec.img_size}"
+                    )
                 module = ClassifierModule.from_checkpoint(path)
                 nets.append(_torch_network(module.model, device, numpy_out=True))
                 info.append(
@@ -355,8 +363,13 @@ class Pipeline:
                 source = self.ensemble.resolve(member.spec.onnx[k]) if member.spec.onnx else None
                 if source is None:
                     raise CytologiaInputError(f"member {member.spec.name}: int8 needs its ONNX files")
-                member.nets[k] = OrtModel(load_proto(source), device="cpu", threads=self.threads, int8=True,
-                                          name=f"{member.spec.name} {member.spec.onnx[k]}")  # fmt: skip
+                member.nets[k] = OrtModel(
+                    load_proto(source),
+                    device="cpu",
+                    threads=self.threads,
+                    int8=True,
+                    name=f"{member.spec.name} {member.spec.onnx[k]}",
+                )
                 member.runtime_info[k] = member.nets[k].describe()
 
     def calibrate_int8(
@@ -424,9 +437,13 @@ class Pipeline:
             table[c] = arr[:, j]
         table["model"] = np.concatenate([[t] * len(d) for t, _, d in parts]).astype(object)
         fused = weighted_box_fusion(
-            table, iou_thr=det.wbf_iou, skip_thr=det.wbf_skip, conf_type=det.wbf_conf_type, source="detections",
+            table,
+            iou_thr=det.wbf_iou,
+            skip_thr=det.wbf_skip,
+            conf_type=det.wbf_conf_type,
+            source="detections",
             weights={tag: 1.0 for tag, _ in passes},
-        )  # fmt: skip
+        )
         values = fused[[*BOX_COLUMNS, "score"]].to_numpy(np.float64)
         by_name = {n: _with_area(values[idx]) for n, idx in fused.groupby("NAME", sort=False).indices.items()}
         return [by_name.get(n, np.zeros((0, 5))) for n in names]
@@ -481,8 +498,9 @@ class Pipeline:
             )
         return out
 
-    def _crop_group(self, images: list[np.ndarray], image: np.ndarray, xyxy: np.ndarray, size: int,
-                    margin: float) -> np.ndarray:  # fmt: skip
+    def _crop_group(
+        self, images: list[np.ndarray], image: np.ndarray, xyxy: np.ndarray, size: int, margin: float
+    ) -> np.ndarray:
         """Crops of boxes ``xyxy`` of ``images[image[i]]``: (n, 3, size, size) float32, RGB, ImageNet-normalised."""
         from cytologia.classification.crops import IMAGENET_MEAN, IMAGENET_STD, crop_with_margin
 
@@ -640,7 +658,7 @@ class Pipeline:
                     "tta_flip": m.spec.tta_flip if self.tta_override is None else self.tta_override,
                 }
                 for m in self.members
-            ],  # fmt: skip
+            ],
             "multilabel": None if self.multilabel is None else self.multilabel.spec.name,
             "int8": self.int8,
             "int8_decisions": self.int8_decisions,
@@ -752,12 +770,14 @@ def write_per_image(boxes: pd.DataFrame, sizes: dict[str, tuple[int, int]], csv_
             xyxy = g[list(BOX_COLUMNS)].to_numpy(np.float64)
             probs = g[list(PROB_COLUMNS)].to_numpy(np.float64)
             for i in range(len(g)):
-                rows.append({
-                    "box": [round(float(v), 2) for v in xyxy[i]],
-                    "score": round(float(g["score"].iat[i]), 6),
-                    "class": str(g["class"].iat[i]),
-                    "probabilities": {c: round(float(p), 6) for c, p in zip(CLASSES, probs[i])},
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "box": [round(float(v), 2) for v in xyxy[i]],
+                        "score": round(float(g["score"].iat[i]), 6),
+                        "class": str(g["class"].iat[i]),
+                        "probabilities": {c: round(float(p), 6) for c, p in zip(CLASSES, probs[i])},
+                    }
+                )
         images.append({"NAME": name, "width": w, "height": h, "boxes": rows})
     tmp = json_path.with_name(f".{json_path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"classes": list(CLASSES), "images": images}, indent=1) + "\n")

@@ -204,8 +204,10 @@ class OrtModel:
             cache = Path(trt_cache) if trt_cache is not None else Path(tempfile.gettempdir()) / "cytologia-trt"
             cache.mkdir(parents=True, exist_ok=True)
             provider_options[providers.index(TENSORRT)] = {
-                "trt_fp16_enable": True, "trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache),
-            }  # fmt: skip
+                "trt_fp16_enable": True,
+                "trt_engine_cache_enable": True,
+                "trt_engine_cache_path": str(cache),
+            }
             payload = proto.SerializeToString()
             self.precision = "fp16 (TensorRT)"
         elif want_fp16 and self.precision == "fp32":
@@ -319,10 +321,7 @@ def measure_int8(
     timed = _interleaved_best({"fp32": fp32, **sessions}, sample, repeats)
     fp32_ms = timed.pop("fp32")
     times = timed
-    ok = [
-        v for v in times
-        if fp32_ms / times[v] >= min_speedup and changes[v] <= max_prob_change and agree[v] == 1.0
-    ]  # fmt: skip
+    ok = [v for v in times if fp32_ms / times[v] >= min_speedup and changes[v] <= max_prob_change and agree[v] == 1.0]
     if ok:
         best = min(ok, key=lambda v: times[v])
         reason = (

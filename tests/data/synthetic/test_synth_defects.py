@@ -25,9 +25,16 @@ from cytologia.data.synthetic.generate import SynthConfig, generate
 from cytologia.data.synthetic.render import encode_jpeg, render_scene
 
 HIGH = DefectRates(
-    box_jitter=0.2, past_border=0.15, red_cell=0.15, unannotated_border=0.15, exact_duplicate=0.06,
-    near_duplicate=0.12, cross_split=0.4, truncated_jpeg=0.08, extraneous_bytes=0.08,
-)  # fmt: skip
+    box_jitter=0.2,
+    past_border=0.15,
+    red_cell=0.15,
+    unannotated_border=0.15,
+    exact_duplicate=0.06,
+    near_duplicate=0.12,
+    cross_split=0.4,
+    truncated_jpeg=0.08,
+    extraneous_bytes=0.08,
+)
 WARNING_RE = re.compile(r"Corrupt JPEG data: (\d+) extraneous bytes before marker 0xd9")
 
 
@@ -180,8 +187,12 @@ def test_duplicates(noisy) -> None:
     for _, r in noise[noise.kind.str.startswith("duplicate_")].iterrows():
         orig = re.search(r"of=(\S+)", r.details).group(1)
         assert orig in set(train.NAME)  # originals are training images
-        assert not noise[(noise.NAME == orig) & noise.kind.isin(["red_cell_extra", "red_cell_replace",
-                         "unannotated_border", "truncated_jpeg", "extraneous_bytes"])].shape[0]  # fmt: skip
+        assert not noise[
+            (noise.NAME == orig)
+            & noise.kind.isin(
+                ["red_cell_extra", "red_cell_replace", "unannotated_border", "truncated_jpeg", "extraneous_bytes"]
+            )
+        ].shape[0]
         seen.add((r.kind, r.split))
         a, b = (d / "images" / orig).read_bytes(), (d / "images" / r.NAME).read_bytes()
         ia = cv2.imdecode(np.frombuffer(a, np.uint8), cv2.IMREAD_COLOR).astype(np.int16)

@@ -23,8 +23,9 @@ def cell(x: int, y: int) -> int:
 def run(gt: torch.Tensor, pred: torch.Tensor, mode: str = "center") -> tuple[list[int], list[int], list[float]]:
     grid, strides = grid_8x8()
     n = pred.shape[0]
-    a = simota(gt, torch.zeros(len(gt), dtype=torch.long), pred, torch.zeros(n, 1), torch.zeros(n), grid, strides,
-               mode=mode)  # fmt: skip
+    a = simota(
+        gt, torch.zeros(len(gt), dtype=torch.long), pred, torch.zeros(n, 1), torch.zeros(n), grid, strides, mode=mode
+    )
     fg = a.fg_mask.nonzero(as_tuple=True)[0].tolist()
     return fg, a.matched_gt.tolist(), a.matched_iou.tolist()
 

@@ -31,8 +31,15 @@ def test_registry_lists_every_size() -> None:
 
 def test_predict_maps_boxes_to_each_image(confident_checkpoint: Path, tiny_set) -> None:
     detector = load_detector(confident_checkpoint)
-    boxes = detector.predict(tiny_set.paths[:3], img_size=96, conf=0.05, max_det=20, tta_flip=True, device="cpu",
-                             names=["a.jpg", "b.jpg", "c.jpg"])  # fmt: skip
+    boxes = detector.predict(
+        tiny_set.paths[:3],
+        img_size=96,
+        conf=0.05,
+        max_det=20,
+        tta_flip=True,
+        device="cpu",
+        names=["a.jpg", "b.jpg", "c.jpg"],
+    )
     assert tuple(boxes.columns) == PREDICT_COLUMNS
     assert set(boxes["NAME"]) <= {"a.jpg", "b.jpg", "c.jpg"} and set(boxes["tta"]) == {"none", "hflip"}
     assert (boxes["score"] > 0.05).all() and boxes.groupby(["NAME", "tta"]).size().max() <= 20
@@ -96,8 +103,11 @@ def test_stage_runs_with_ultralytics_not_importable(tmp_path: Path) -> None:
     """An Apache-only install: the detector stage, prediction and export of YOLOX never import ultralytics."""
     proc = subprocess.run(
         [sys.executable, "-c", BLOCKED_RUN, str(tmp_path), str(ROOT / "configs")],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["loaded"] == []

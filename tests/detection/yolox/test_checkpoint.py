@@ -78,8 +78,9 @@ def test_backend_initial_weights_are_checked_against_the_manifest(tmp_path: Path
         detector.build()
     add_to_manifest(path, source="test", directory=models)
     net = detector.build()
-    torch.testing.assert_close(net.state_dict()["backbone.backbone.stem.conv.conv.weight"],
-                               state["backbone.backbone.stem.conv.conv.weight"])  # fmt: skip
+    torch.testing.assert_close(
+        net.state_dict()["backbone.backbone.stem.conv.conv.weight"], state["backbone.backbone.stem.conv.conv.weight"]
+    )
     path.write_bytes(path.read_bytes()[:-10])  # altered after registration
     with pytest.raises(CytologiaInputError, match="size|sha256"):
         detector.build()
@@ -87,8 +88,15 @@ def test_backend_initial_weights_are_checked_against_the_manifest(tmp_path: Path
 
 def test_trained_checkpoint_round_trip(tmp_path: Path) -> None:
     model = build_yolox("yolox_nano")
-    path = save_checkpoint(tmp_path / "detector.pt", model, "yolox_nano", img_size=96, epoch=4,
-                           metrics={"metrics/known_count_giou": 0.8}, train_args={"box_loss": "giou"})  # fmt: skip
+    path = save_checkpoint(
+        tmp_path / "detector.pt",
+        model,
+        "yolox_nano",
+        img_size=96,
+        epoch=4,
+        metrics={"metrics/known_count_giou": 0.8},
+        train_args={"box_loss": "giou"},
+    )
     assert is_checkpoint(path)
     loaded, info = load_trained(path)
     assert info["epoch"] == 4 and info["img_size"] == 96 and info["metrics"]["metrics/known_count_giou"] == 0.8

@@ -99,8 +99,24 @@ def test_a_graph_of_another_backend_is_refused(exported) -> None:
 
 def _export_cli(weights: Path, tmp_path: Path, images: Path) -> tuple[int, dict]:
     report = tmp_path / "report.json"
-    code = main(["export", "detector", "--weights", str(weights), "--out", str(tmp_path / "cli.onnx"), "--img-size",
-                 "96", "--images", str(images), "--n-verify", "4", "--report", str(report)])  # fmt: skip
+    code = main(
+        [
+            "export",
+            "detector",
+            "--weights",
+            str(weights),
+            "--out",
+            str(tmp_path / "cli.onnx"),
+            "--img-size",
+            "96",
+            "--images",
+            str(images),
+            "--n-verify",
+            "4",
+            "--report",
+            str(report),
+        ]
+    )
     return code, json.loads(report.read_text())
 
 

@@ -42,8 +42,15 @@ def fake_official(eval_offset: float = 0.0, loss_offset: float = 0.0):
                 return plain(x) + eval_offset
             raw, grid, strides = model.raw(x)
             boxes = [t[t[:, 3] > 0] for t in targets]  # padded rows have zero width
-            loss = yolox_loss(raw, grid, strides, boxes, kind=model.head.iou_loss.loss_type,
-                              use_l1=model.head.use_l1, assign_mode="box_and_center")  # fmt: skip
+            loss = yolox_loss(
+                raw,
+                grid,
+                strides,
+                boxes,
+                kind=model.head.iou_loss.loss_type,
+                use_l1=model.head.use_l1,
+                assign_mode="box_and_center",
+            )
             return {"total_loss": loss.total + loss_offset}
 
         model.forward = forward

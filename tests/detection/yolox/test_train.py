@@ -97,8 +97,10 @@ def test_precise_bn_measures_the_statistics_of_the_weights(tiny_set) -> None:
     precise_bn(model, ds, torch.device("cpu"), n_images=len(ds), batch_size=len(ds))
     assert all(m.momentum == 0.03 for m in bns.values())
     seen = {}
-    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: seen.__setitem__(name, inp[0]))
-             for name, m in bns.items()]  # fmt: skip
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out, name=name: seen.__setitem__(name, inp[0]))
+        for name, m in bns.items()
+    ]
     images, _ = collate([ds[i] for i in range(len(ds))])
     with torch.no_grad():
         model.train().raw(images.float())  # the same inputs, layer by layer (weights unchanged)
@@ -135,10 +137,23 @@ def _folds(names: list[str]) -> pd.DataFrame:
 
 
 def test_a_fold_trains_and_selects_on_the_box_term(tiny_set, tmp_path: Path) -> None:
-    data = DetectionData(table=tiny_set.table, folds=_folds(tiny_set.names), image_dir=tiny_set.image_dir, fold=0,
-                         cache_dir=tmp_path / "cache")  # fmt: skip
-    settings = TrainSettings(epochs=2, img_size=64, batch_size=4, lr=1e-3, optimizer="AdamW", device="cpu", workers=0,
-                             extra={"no_aug_epochs": 1, "warmup_epochs": 1, "multiscale": 0.5})  # fmt: skip
+    data = DetectionData(
+        table=tiny_set.table,
+        folds=_folds(tiny_set.names),
+        image_dir=tiny_set.image_dir,
+        fold=0,
+        cache_dir=tmp_path / "cache",
+    )
+    settings = TrainSettings(
+        epochs=2,
+        img_size=64,
+        batch_size=4,
+        lr=1e-3,
+        optimizer="AdamW",
+        device="cpu",
+        workers=0,
+        extra={"no_aug_epochs": 1, "warmup_epochs": 1, "multiscale": 0.5},
+    )
     detector = create_detector("yolox", "yolox_nano")
     result = detector.train(data, tmp_path / "fold_0", settings)
     assert result.weights == tmp_path / "fold_0" / "detector.pt" and detector.checkpoint == result.weights
@@ -173,9 +188,22 @@ def test_split_errors_name_the_images(tiny_set, tmp_path: Path) -> None:
 
 
 def test_time_limit_replans_the_run(tiny_set, tmp_path: Path) -> None:
-    data = DetectionData(table=tiny_set.table, folds=_folds(tiny_set.names), image_dir=tiny_set.image_dir, fold=0,
-                         cache_dir=tmp_path / "cache")  # fmt: skip
-    settings = TrainSettings(epochs=5, img_size=64, batch_size=4, lr=1e-3, optimizer="AdamW", device="cpu", workers=0,
-                             extra={"time_limit_s": 0.01, "multiscale": 0.0})  # fmt: skip
+    data = DetectionData(
+        table=tiny_set.table,
+        folds=_folds(tiny_set.names),
+        image_dir=tiny_set.image_dir,
+        fold=0,
+        cache_dir=tmp_path / "cache",
+    )
+    settings = TrainSettings(
+        epochs=5,
+        img_size=64,
+        batch_size=4,
+        lr=1e-3,
+        optimizer="AdamW",
+        device="cpu",
+        workers=0,
+        extra={"time_limit_s": 0.01, "multiscale": 0.0},
+    )
     result = create_detector("yolox", "yolox_nano").train(data, tmp_path / "fold_0", settings)
     assert len(result.history) == 1 and result.best_epoch == 1  # the first epoch alone overruns 0.01 s

@@ -42,8 +42,18 @@ from PIL import Image
 from cytologia.boxes import iou_scalar
 
 NOISE_COLUMNS: tuple[str, ...] = (
-    "NAME", "split", "kind", "train_row", "box_index", "class", "x1", "y1", "x2", "y2", "details",
-)  # fmt: skip
+    "NAME",
+    "split",
+    "kind",
+    "train_row",
+    "box_index",
+    "class",
+    "x1",
+    "y1",
+    "x2",
+    "y2",
+    "details",
+)
 BOX_KINDS: tuple[str, ...] = ("box_jitter", "past_border", "red_cell_extra", "red_cell_replace")
 IMAGE_KINDS: tuple[str, ...] = ("unannotated_border", "truncated_jpeg", "extraneous_bytes")
 DUPLICATE_KINDS: tuple[str, ...] = ("duplicate_exact", "duplicate_reencoded", "duplicate_shifted")

@@ -286,11 +286,22 @@ def _plan(n_images: int, seed: int, cfg: SynthConfig, stats: RealStats) -> tuple
 # one image (runs in a worker)
 
 
-def _noise(name: str, split: str, kind: str, box_index: int = -1, cls: str = "", box: Box | None = None,
-           details: str = "") -> dict[str, Any]:  # fmt: skip
+def _noise(
+    name: str, split: str, kind: str, box_index: int = -1, cls: str = "", box: Box | None = None, details: str = ""
+) -> dict[str, Any]:
     x1, y1, x2, y2 = box if box is not None else ("", "", "", "")
-    return {"NAME": name, "split": split, "kind": kind, "box_index": box_index, "class": cls,
-            "x1": x1, "y1": y1, "x2": x2, "y2": y2, "details": details}  # fmt: skip
+    return {
+        "NAME": name,
+        "split": split,
+        "kind": kind,
+        "box_index": box_index,
+        "class": cls,
+        "x1": x1,
+        "y1": y1,
+        "x2": x2,
+        "y2": y2,
+        "details": details,
+    }
 
 
 def _box_str(b: Box) -> str:
@@ -302,9 +313,15 @@ def _render_task(task: _Task, images_dir: Path, seed: int, size: int | None) -> 
     stats = load_real_stats()
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1, task.index)))
     scene = render_scene(
-        rng, task.source, task.classes, size, past_border=task.past_border, unannotated_border=task.unannotated,
-        red_cells=1 if task.red_cell else 0, stats=stats,
-    )  # fmt: skip
+        rng,
+        task.source,
+        task.classes,
+        size,
+        past_border=task.past_border,
+        unannotated_border=task.unannotated,
+        red_cells=1 if task.red_cell else 0,
+        stats=stats,
+    )
     H, W = scene.image.shape[:2]
     drng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2, task.index)))
     res = _Result(task.index)
@@ -551,14 +568,27 @@ def generate(
     (out_dir / "synth.json").write_text(json.dumps(info, indent=1) + "\n")
     seconds = time.perf_counter() - t0
     summary = SynthSummary(
-        out_dir=out_dir, n_images=n_images, n_train_images=len(train_order), n_train_rows=len(train),
-        n_test_images=n_test_images, n_test_boxes=len(truth), defects=counts, seconds=seconds, workers=workers,
-    )  # fmt: skip
+        out_dir=out_dir,
+        n_images=n_images,
+        n_train_images=len(train_order),
+        n_train_rows=len(train),
+        n_test_images=n_test_images,
+        n_test_boxes=len(truth),
+        defects=counts,
+        seconds=seconds,
+        workers=workers,
+    )
     log.info(
         "wrote %d images (%d train, %d test) to %s in %.1f s (%.0f images/s, %d worker(s)); %d defects",
-        n_images, summary.n_train_images, n_test_images, out_dir, seconds, summary.images_per_s, workers,
+        n_images,
+        summary.n_train_images,
+        n_test_images,
+        out_dir,
+        seconds,
+        summary.images_per_s,
+        workers,
         sum(counts.values()),
-    )  # fmt: skip
+    )
     return summary
 
 

@@ -157,9 +157,17 @@ def _extent(pts: np.ndarray) -> tuple[float, float, float, float]:
 
 
 def _draw_nucleus(
-    rng: np.random.Generator, m: Morphology, shape: str, mask: np.ndarray, groove: np.ndarray,
-    cx: float, cy: float, rn: float, theta: float, scale: float,
-) -> None:  # fmt: skip
+    rng: np.random.Generator,
+    m: Morphology,
+    shape: str,
+    mask: np.ndarray,
+    groove: np.ndarray,
+    cx: float,
+    cy: float,
+    rn: float,
+    theta: float,
+    scale: float,
+) -> None:
     """Draw a nucleus of equivalent radius ``rn`` on ``mask`` (uint8); folds go on ``groove`` (float32)."""
     na = _u(rng, m.nucleus_aspect)
     ax, ay = rn / math.sqrt(na), rn * math.sqrt(na)
@@ -213,8 +221,10 @@ def _draw_nucleus(
         if k == 2:
             sep = rl * rng.uniform(1.3, 2.3)
             bend = rng.uniform(-0.3, 0.3) * rl
-            centres = [(cx - c * sep / 2 - s * bend, cy - s * sep / 2 + c * bend),
-                       (cx + c * sep / 2 - s * bend, cy + s * sep / 2 + c * bend)]  # fmt: skip
+            centres = [
+                (cx - c * sep / 2 - s * bend, cy - s * sep / 2 + c * bend),
+                (cx + c * sep / 2 - s * bend, cy + s * sep / 2 + c * bend),
+            ]
         else:  # lobes strung along an arc through the nucleus centre
             rho = rn * rng.uniform(0.9, 1.4)
             step = rl * rng.uniform(1.5, 2.1) / rho
@@ -235,9 +245,16 @@ def _draw_nucleus(
 
 
 def _granules(
-    rng: np.random.Generator, g: Granules, cyto: np.ndarray, nuc: np.ndarray, cx: float, cy: float, R: float,
-    scale: float, od: np.ndarray,
-) -> None:  # fmt: skip
+    rng: np.random.Generator,
+    g: Granules,
+    cyto: np.ndarray,
+    nuc: np.ndarray,
+    cx: float,
+    cy: float,
+    R: float,
+    scale: float,
+    od: np.ndarray,
+) -> None:
     """Add one granule population to the patch OD ``od`` (N_STAINS, S, S)."""
     if rng.random() >= g.prob:
         return
@@ -393,8 +410,13 @@ def _draw_platelets(rng: np.random.Generator, S: int, R: float, scale: float, cl
     n = max(3, int(area_ref * rng.uniform(2.0, 4.0) / 100))  # granules per 100 px^2 (reference scale)
     xs, ys = rng.integers(0, S, 4 * n), rng.integers(0, S, 4 * n)
     ok = mask[ys, xs] > 0.5
-    gran = _scatter(mask, xs[ok][:n], ys[ok][:n], rng.uniform(0.6, 1.0, int(ok[:].sum())).astype(np.float32)[:n],
-                    rng.uniform(1.5, 2.5) * scale)  # fmt: skip
+    gran = _scatter(
+        mask,
+        xs[ok][:n],
+        ys[ok][:n],
+        rng.uniform(0.6, 1.0, int(ok[:].sum())).astype(np.float32)[:n],
+        rng.uniform(1.5, 2.5) * scale,
+    )
     od = np.zeros((N_STAINS, S, S), np.float32)
     od[BLUE] = 0.12 * mask
     od[PURPLE] = rng.uniform(0.2, 0.35) * mask + GRANULE_OD["platelet"][PURPLE] * gran
@@ -449,8 +471,14 @@ def _straddle(rng: np.random.Generator, W: int, H: int, D: float) -> tuple[float
     return [(d, along_y), (W - d, along_y), (along_x, d), (along_x, H - d)][side]
 
 
-def _place(rng: np.random.Generator, W: int, H: int, D: float, placed: list[tuple[float, float, float]],
-           candidates: list[tuple[float, float]]) -> tuple[float, float]:  # fmt: skip
+def _place(
+    rng: np.random.Generator,
+    W: int,
+    H: int,
+    D: float,
+    placed: list[tuple[float, float, float]],
+    candidates: list[tuple[float, float]],
+) -> tuple[float, float]:
     """Of the candidate centres, the one farthest (edge to edge) from already placed cells."""
     if not placed:
         return candidates[0]
@@ -577,8 +605,14 @@ def render_scene(
     reds = []
     for x, y in red_specs:
         m = 2.0 * scale
-        reds.append((int(math.floor(x - rbc_r - m)), int(math.floor(y - rbc_r - m)),
-                     int(math.ceil(x + rbc_r + m)), int(math.ceil(y + rbc_r + m))))  # fmt: skip
+        reds.append(
+            (
+                int(math.floor(x - rbc_r - m)),
+                int(math.floor(y - rbc_r - m)),
+                int(math.ceil(x + rbc_r + m)),
+                int(math.ceil(y + rbc_r + m)),
+            )
+        )
 
     image = _to_bgr(rng, src, od, W, H, scale)
     return Scene(image=image, source=src.name, cells=cells, unannotated=extras, red_cells=reds)

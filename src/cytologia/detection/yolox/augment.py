@@ -115,9 +115,15 @@ def mosaic(
 
 
 def affine_matrix(
-    src_center: tuple[float, float], size: int, rng: np.random.Generator, *, degrees: float, scale: tuple[float, float],
-    shear: float, translate: float,
-) -> np.ndarray:  # fmt: skip
+    src_center: tuple[float, float],
+    size: int,
+    rng: np.random.Generator,
+    *,
+    degrees: float,
+    scale: tuple[float, float],
+    shear: float,
+    translate: float,
+) -> np.ndarray:
     """A random 2x3 affine map: ``src_center`` to the origin, rotate + scale, shear, then to the centre of a
     ``size`` square shifted by up to ``translate * size``."""
     c = np.eye(3)
@@ -153,18 +159,27 @@ def random_affine(
     """Warp ``image`` (the mosaic canvas, centred on its own centre) to a ``size`` square; boxes follow."""
     h, w = image.shape[:2]
     m = affine_matrix(
-        (w / 2, h / 2), size, rng, degrees=cfg.degrees, scale=cfg.mosaic_scale, shear=cfg.shear,
+        (w / 2, h / 2),
+        size,
+        rng,
+        degrees=cfg.degrees,
+        scale=cfg.mosaic_scale,
+        shear=cfg.shear,
         translate=cfg.translate,
-    )  # fmt: skip
+    )
     out = cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR, borderValue=(PAD_VALUE,) * 3)
     moved = affine_boxes(boxes, m)
     return out, filter_boxes(moved, _area(moved), size, cfg)
 
 
 def mixup(
-    image: np.ndarray, boxes: np.ndarray, other: np.ndarray, other_boxes: np.ndarray, rng: np.random.Generator,
+    image: np.ndarray,
+    boxes: np.ndarray,
+    other: np.ndarray,
+    other_boxes: np.ndarray,
+    rng: np.random.Generator,
     cfg: AugmentConfig,
-) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+) -> tuple[np.ndarray, np.ndarray]:
     """Blend ``other`` (fitted to the side of ``image``, rescaled by a factor from ``mixup_scale``, maybe mirrored,
     placed at a random offset) 50/50 into ``image``; the boxes of both are kept."""
     size = image.shape[0]

@@ -72,18 +72,31 @@ def is_checkpoint(path: str | Path) -> bool:
 
 
 def save_checkpoint(
-    path: str | Path, model: YOLOX, name: str, *, img_size: int, epoch: int, metrics: Mapping[str, float],
+    path: str | Path,
+    model: YOLOX,
+    name: str,
+    *,
+    img_size: int,
+    epoch: int,
+    metrics: Mapping[str, float],
     train_args: Mapping[str, Any],
-) -> Path:  # fmt: skip
+) -> Path:
     """Write ``model``'s weights as a trained checkpoint (atomically: temporary file, then rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     payload = {
-        "format": FORMAT, "version": VERSION, BACKEND_KEY: BACKEND, "model": name, "num_classes": model.num_classes,
-        "img_size": int(img_size), "epoch": int(epoch), "metrics": {k: float(v) for k, v in metrics.items()},
-        "train_args": dict(train_args), "state_dict": state,
-    }  # fmt: skip
+        "format": FORMAT,
+        "version": VERSION,
+        BACKEND_KEY: BACKEND,
+        "model": name,
+        "num_classes": model.num_classes,
+        "img_size": int(img_size),
+        "epoch": int(epoch),
+        "metrics": {k: float(v) for k, v in metrics.items()},
+        "train_args": dict(train_args),
+        "state_dict": state,
+    }
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(payload, tmp)
     tmp.replace(path)

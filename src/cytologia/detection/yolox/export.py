@@ -33,9 +33,15 @@ def export_onnx(net: YoloxInference, path: str | Path, img_size: int, opset: int
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
-            net, (dummy,), str(path), dynamo=False, input_names=["images"], output_names=["output0"],
-            opset_version=opset or DEFAULT_OPSET, do_constant_folding=True,
+            net,
+            (dummy,),
+            str(path),
+            dynamo=False,
+            input_names=["images"],
+            output_names=["output0"],
+            opset_version=opset or DEFAULT_OPSET,
+            do_constant_folding=True,
             dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"}, "output0": {0: "batch", 2: "anchors"}},
-        )  # fmt: skip
+        )
     onnx.checker.check_model(str(path))
     return path

@@ -51,9 +51,13 @@ class LossOutput:
 
     def as_dict(self) -> dict[str, float]:
         return {
-            "loss": float(self.total.detach()), "box_loss": self.box, "obj_loss": self.obj, "cls_loss": self.cls,
-            "l1_loss": self.l1, "num_fg_per_image": self.num_fg,
-        }  # fmt: skip
+            "loss": float(self.total.detach()),
+            "box_loss": self.box,
+            "obj_loss": self.obj,
+            "cls_loss": self.cls,
+            "l1_loss": self.l1,
+            "num_fg_per_image": self.num_fg,
+        }
 
 
 def l1_target(boxes: torch.Tensor, grid: torch.Tensor, strides: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -88,9 +92,16 @@ def yolox_loss(
     for b in range(batch):
         t = targets[b].to(raw.device).float()
         a = simota(
-            t[:, 1:5], t[:, 0].long(), boxes[b].detach(), cls_logits[b].detach(), obj_logits[b].detach(), grid,
-            strides, mode=assign_mode, center_radius=center_radius,
-        )  # fmt: skip
+            t[:, 1:5],
+            t[:, 0].long(),
+            boxes[b].detach(),
+            cls_logits[b].detach(),
+            obj_logits[b].detach(),
+            grid,
+            strides,
+            mode=assign_mode,
+            center_radius=center_radius,
+        )
         fg_masks.append(a.fg_mask)
         matched = t[a.matched_gt]
         cls_targets.append(F.one_hot(matched[:, 0].long(), num_classes).float() * a.matched_iou[:, None])
@@ -110,6 +121,10 @@ def yolox_loss(
         loss_l1 = (raw[..., :4].reshape(-1, 4)[fg] - torch.cat(l1_targets)).abs().sum() / norm
         total = total + loss_l1
     return LossOutput(
-        total=total, box=float(loss_box.detach()), obj=float(loss_obj.detach()), cls=float(loss_cls.detach()),
-        l1=float(loss_l1.detach()), num_fg=n_fg / max(batch, 1),
-    )  # fmt: skip
+        total=total,
+        box=float(loss_box.detach()),
+        obj=float(loss_obj.detach()),
+        cls=float(loss_cls.detach()),
+        l1=float(loss_l1.detach()),
+        num_fg=n_fg / max(batch, 1),
+    )

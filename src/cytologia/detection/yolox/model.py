@@ -324,9 +324,14 @@ def _fuse_conv_bn(block: BaseConv) -> None:
     conv, bn = block.conv, block.bn
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     fused = nn.Conv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, groups=conv.groups,
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        conv.stride,
+        conv.padding,
+        groups=conv.groups,
         bias=True,
-    ).to(conv.weight.device)  # fmt: skip
+    ).to(conv.weight.device)
     with torch.no_grad():
         fused.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)

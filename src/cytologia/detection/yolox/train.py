@@ -147,8 +147,16 @@ def parse_train_args(extra: Mapping[str, Any]) -> YoloxTrainArgs:
     for key in ("mosaic_prob", "mixup_prob", "flip_lr", "flip_ud", "hsv_prob"):
         if not 0.0 <= getattr(aug, key) <= 1.0:
             raise CytologiaInputError(f"detector.train_args.{key}={getattr(aug, key)} must be in [0, 1]")
-    nonneg = ("warmup_epochs", "no_aug_epochs", "weight_decay", "multiscale", "time_limit_s", "val_batch",
-              "center_radius", "precise_bn_images")  # fmt: skip
+    nonneg = (
+        "warmup_epochs",
+        "no_aug_epochs",
+        "weight_decay",
+        "multiscale",
+        "time_limit_s",
+        "val_batch",
+        "center_radius",
+        "precise_bn_images",
+    )
     for key in nonneg:
         if getattr(args, key) < 0:
             raise CytologiaInputError(f"detector.train_args.{key}={getattr(args, key)} must be >= 0")
@@ -229,10 +237,13 @@ def make_split(data: DetectionData) -> Split:
     train = [Sample(p, per_image.get(n, empty)) for n, p, v in zip(names, paths, held) if not v]
     val_names = [n for n, v in zip(names, held) if v]
     return Split(
-        train=train, val_paths=[p for p, v in zip(paths, held) if v], val_names=val_names,
-        val_truth=clipped.loc[clipped["NAME"].isin(set(val_names))].reset_index(drop=True), sizes=sizes,
+        train=train,
+        val_paths=[p for p, v in zip(paths, held) if v],
+        val_names=val_names,
+        val_truth=clipped.loc[clipped["NAME"].isin(set(val_names))].reset_index(drop=True),
+        sizes=sizes,
         skipped_empty=skipped,
-    )  # fmt: skip
+    )
 
 
 # ------------------------------------------------------------------------------------------ optimiser, schedule
@@ -323,8 +334,9 @@ def resize_batch(images: torch.Tensor, targets: list[torch.Tensor], side: int) -
 
 # --------------------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def precise_bn(model: torch.nn.Module, dataset: DetectionDataset, device: torch.device, n_images: int,
-               batch_size: int) -> None:  # fmt: skip
+def precise_bn(
+    model: torch.nn.Module, dataset: DetectionDataset, device: torch.device, n_images: int, batch_size: int
+) -> None:
     """Set the batch-norm running statistics of ``model`` to their plain average over ``n_images`` training images
     (a fixed random subset), letterboxed with flips and HSV jitter but no mosaic/mixup -- the images as prediction sees
     them --, weights unchanged. ``n_images`` 0: nothing is done."""
@@ -364,9 +376,16 @@ def evaluate(
             return net(torch.from_numpy(x).to(device)).float().cpu()
 
     boxes = YoloxDetector.detect_images(
-        forward, split.val_paths, split.val_names, img_size=img_size, conf=VAL_CONF, iou=iou, max_det=VAL_MAX_DET,
-        tta_flip=False, batch_size=batch_size,
-    )  # fmt: skip
+        forward,
+        split.val_paths,
+        split.val_names,
+        img_size=img_size,
+        conf=VAL_CONF,
+        iou=iou,
+        max_det=VAL_MAX_DET,
+        tta_flip=False,
+        batch_size=batch_size,
+    )
     sizes = split.sizes.reset_index()
     value = known_count_giou(boxes, split.val_truth, sizes) if len(split.val_truth) else float("nan")
     return value, time.perf_counter() - start
@@ -390,9 +409,15 @@ def fit(
     dataset = DetectionDataset(split.train, size, args.augment, seed=settings.seed)
     batch = min(settings.batch_size, len(dataset))
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch, shuffle=True, num_workers=settings.workers, collate_fn=collate, drop_last=True,
-        pin_memory=device.type == "cuda", generator=gen,
-    )  # fmt: skip
+        dataset,
+        batch_size=batch,
+        shuffle=True,
+        num_workers=settings.workers,
+        collate_fn=collate,
+        drop_last=True,
+        pin_memory=device.type == "cuda",
+        generator=gen,
+    )
     iters = len(loader)
     model.to(device).train()
     optimizer = build_optimizer(model, settings.optimizer, settings.lr, args.momentum, args.weight_decay)
@@ -401,9 +426,13 @@ def fit(
     def schedule_for(total_epochs: int) -> WarmCosine:
         flat = min(args.no_aug_epochs, total_epochs)
         return WarmCosine(
-            lr=settings.lr, total_iters=total_epochs * iters, warmup_iters=round(args.warmup_epochs * iters),
-            flat_iters=flat * iters, min_lr_ratio=args.min_lr_ratio, warmup_lr=args.warmup_lr,
-        )  # fmt: skip
+            lr=settings.lr,
+            total_iters=total_epochs * iters,
+            warmup_iters=round(args.warmup_epochs * iters),
+            flat_iters=flat * iters,
+            min_lr_ratio=args.min_lr_ratio,
+            warmup_lr=args.warmup_lr,
+        )
 
     schedule = schedule_for(epochs)
     ema = ModelEMA(model, args.ema_decay) if args.ema else None
@@ -419,8 +448,14 @@ def fit(
     best_value, best_epoch, stale, it, side = -math.inf, 0, 0, 0, size
     log.info(
         "YOLOX %s: %d training images (%d iterations/epoch of %d), %d held out, device %s, %d epochs",
-        name, len(dataset), iters, batch, len(split.val_names), device, epochs,
-    )  # fmt: skip
+        name,
+        len(dataset),
+        iters,
+        batch,
+        len(split.val_names),
+        device,
+        epochs,
+    )
     epoch = 0
     while epoch < epochs:
         no_aug = epoch >= epochs - min(args.no_aug_epochs, epochs)
@@ -441,9 +476,15 @@ def fit(
             with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
                 raw, grid, strides = model.raw(x)
             loss = yolox_loss(
-                raw, grid, strides, targets, kind=args.box_loss, use_l1=use_l1, assign_mode=args.assign_mode,
+                raw,
+                grid,
+                strides,
+                targets,
+                kind=args.box_loss,
+                use_l1=use_l1,
+                assign_mode=args.assign_mode,
                 center_radius=args.center_radius or None,
-            )  # fmt: skip
+            )
             if not torch.isfinite(loss.total):
                 raise FloatingPointError(f"YOLOX loss is {float(loss.total)} at epoch {epoch + 1}, iteration {it}")
             optimizer.zero_grad(set_to_none=True)
@@ -471,8 +512,15 @@ def fit(
         else:
             stale += 1
         _write_history(run_dir / "results.csv", history)
-        log.info("epoch %d/%d: loss %.4f, box term %.4f (best %.4f, epoch %d)", epoch + 1, epochs,
-                 row.get("train/loss", float("nan")), value, best_value, best_epoch)  # fmt: skip
+        log.info(
+            "epoch %d/%d: loss %.4f, box term %.4f (best %.4f, epoch %d)",
+            epoch + 1,
+            epochs,
+            row.get("train/loss", float("nan")),
+            value,
+            best_value,
+            best_epoch,
+        )
         epoch += 1
         if settings.patience and stale >= settings.patience:
             log.info("no better box term for %d epochs: stopping after epoch %d", stale, epoch)
@@ -489,14 +537,19 @@ def fit(
     target = out_dir / "detector.pt"
     shutil.copyfile(run_dir / "best.pt", target)
     return TrainResult(
-        weights=target, best_epoch=best_epoch, metrics=history[best_epoch - 1], history=history,
+        weights=target,
+        best_epoch=best_epoch,
+        metrics=history[best_epoch - 1],
+        history=history,
         selection=(
             "best.pt: the epoch with the highest known-count mean rescaled GIoU of the held-out fold (the last one on "
             "a tie), computed after each epoch on the " + ("EMA " if ema is not None else "") + "weights that are saved"
         ),
-        seconds=time.perf_counter() - start, epoch_seconds=epoch_seconds, n_train_images=len(split.train),
+        seconds=time.perf_counter() - start,
+        epoch_seconds=epoch_seconds,
+        n_train_images=len(split.train),
         n_val_images=len(split.val_names),
-    )  # fmt: skip
+    )
 
 
 def _plain_settings(settings: TrainSettings) -> dict[str, Any]:
