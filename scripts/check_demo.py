@@ -25,18 +25,19 @@ SUMMARY_FILE = "pipeline_summary.json"
 
 # Measured on a 2-core CPU VM shared with other jobs (load 2-3.5), `python train.py +exp=demo seed=S` (data synth_seed
 # 0, 400 images, 2 folds, trainer.select=last, single-stage budget in process CPU seconds):
-#   seed   two-stage score / GIoU / macro-F1   single-stage score   null score   wall
-#   1      0.618 / 0.908 / 0.546               0.349                0.161        19.9 min
-#   2      0.588 / 0.898 / 0.511               0.390                0.161        18 min
-# Spread between seeds: score 0.03, GIoU 0.01, macro-F1 0.035, margin over single-stage 0.07. Each floor is the lowest
-# run minus about three spreads (1.5 for the single-stage margin, whose spread is the baseline's own): a healthy run
-# passes, a broken stage (no cell found: GIoU ~0.78; classifiers at chance: F1 ~0.04; one class) does not.
+#   seed        two-stage score / GIoU / macro-F1   single-stage score   null score   wall
+#   1           0.618 / 0.908 / 0.546               0.349 (0.379 rerun)  0.161        19.9 min
+#   2           0.588 / 0.898 / 0.511               0.390                0.161        18 min
+#   42 (CI)     0.573 / 0.910 / 0.489               0.362                0.161        17.9 min (`bash .ci/run`)
+# Spread between seeds: score 0.045, GIoU 0.012, macro-F1 0.057, margin over single-stage 0.07. Each floor is the
+# lowest run minus about two spreads (1.5 for the single-stage margin): a healthy run passes, a broken stage (no cell
+# found: GIoU ~0.78; classifiers at chance: F1 ~0.04; one class for every cell) does not.
 FLOORS: dict[str, float] = {
-    "two_stage_score": 0.50,  # lowest 0.588
+    "two_stage_score": 0.48,  # lowest 0.573
     "two_stage_giou": 0.85,  # lowest 0.898; the null model's known-count boxes score 0.775
-    "two_stage_f1": 0.40,  # lowest 0.511; chance is 1/23
+    "two_stage_f1": 0.38,  # lowest 0.489; chance is 1/23
     "margin_over_single_stage": 0.10,  # lowest 0.199 (two-stage minus single-stage at the same CPU budget)
-    "margin_over_null": 0.25,  # lowest 0.427
+    "margin_over_null": 0.25,  # lowest 0.412
 }
 BUDGET_TOLERANCE = 0.35  # single-stage CPU seconds within +-35 % of the two-stage training's (epoch granularity)
 
