@@ -103,7 +103,7 @@ def test_toy_pipeline_end_to_end_and_resume(tmp_path: Path, monkeypatch: pytest.
         cfg_ss = compose(config_name="train", overrides=[*with_ss, f"paths.data_dir={tmp_path / 'data'}"])
     result = train(cfg_ss, run_dir=run_dir)
     ((settings, kwargs),) = seen
-    clock = resolve_clock("auto")
+    clock = resolve_clock("auto", str(cfg_ss.detector.device))
     spent = json.loads((run_dir / (CPU_TIMES_FILE if clock == "cpu" else TIMES_FILE)).read_text())
     trained = sum(v for k, v in spent.items() if k == "detector" or k.startswith("classifier "))
     assert trained > 0 and settings.clock == clock and settings.time_min == pytest.approx(round(trained / 60, 3))
@@ -138,6 +138,7 @@ def test_single_stage_clock_resolves_to_cpu_without_cuda(monkeypatch: pytest.Mon
     assert resolve_clock("auto") == "cpu" and resolve_clock("wall") == "wall"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_clock("auto") == "wall" and resolve_clock("cpu") == "cpu"
+    assert resolve_clock("auto", "cpu") == "cpu"  # a CPU run on a GPU machine (the demo: detector.device=cpu)
     with pytest.raises(CytologiaInputError, match="clock"):
         resolve_clock("gpu")
 

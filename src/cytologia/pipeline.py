@@ -205,7 +205,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, object]:
     ss = p.single_stage
     ss_dir = run_dir / "baselines" / "single_stage"
     if ss.enabled:
-        clock = resolve_clock(str(ss.clock))
+        clock = resolve_clock(str(ss.clock), str(cfg.detector.device))
         budget_min = single_stage_budget(
             steps.cpu if clock == "cpu" else steps.times, float(ss.time_min), bool(ss.match_budget)
         )
@@ -261,13 +261,14 @@ def cleaning_config_path(value: str) -> Path:
     raise CytologiaInputError(f"{key}: no such file (tried {path.resolve()}{tried})")
 
 
-def resolve_clock(clock: str) -> str:
-    """``pipeline.single_stage.clock``: ``wall``, ``cpu``, or ``auto`` = ``cpu`` without a CUDA device (process CPU
-    time is the compute spent, whatever else runs on the cores) and ``wall`` with one (GPU work is not CPU time)."""
+def resolve_clock(clock: str, device: str = "auto") -> str:
+    """``pipeline.single_stage.clock``: ``wall``, ``cpu``, or ``auto`` = ``cpu`` when the two-stage models train on
+    the CPU (``device``, the detector's setting, resolved by :func:`cytologia.device.resolve_device`: process CPU
+    time is the compute spent, whatever else runs on the cores) and ``wall`` on a GPU (GPU work is not CPU time)."""
     if clock == "auto":
-        import torch
+        from cytologia.device import resolve_device
 
-        return "wall" if torch.cuda.is_available() else "cpu"
+        return "cpu" if resolve_device(device, key="detector.device").type == "cpu" else "wall"
     if clock not in CLOCKS:
         raise CytologiaInputError(f"config key pipeline.single_stage.clock={clock!r}; valid: auto, {', '.join(CLOCKS)}")
     return clock
