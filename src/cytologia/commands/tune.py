@@ -34,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-heldout", action="store_true", help="skip the held-out check (faster)")
     parser.add_argument("--detector", type=Path, default=None, help="detection run folder or detector.pt")
     parser.add_argument("--det-img-size", type=int, default=None, help="detector input (default: its run config)")
+    parser.add_argument(
+        "--target-error", type=float, default=0.02, help="refer-to-expert: error rate allowed on kept boxes (0.02)"
+    )
+    parser.add_argument("--no-calibration", action="store_true", help="skip temperatures and the refer threshold")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
         heldout=not args.no_heldout,
         detector=args.detector,
         det_img_size=args.det_img_size,
+        calibrate=not args.no_calibration,
+        target_error=args.target_error,
     )
     print("\n".join(tuned.lines))
     return 0

@@ -177,6 +177,8 @@ def tune_ensemble(
     heldout: bool = True,
     detector: str | Path | None = None,
     det_img_size: int | None = None,
+    calibrate: bool = True,
+    target_error: float = 0.02,
 ) -> TunedEnsemble:
     """Tune the ensemble of the runs ``oof`` (run folders or OOF logits files) against ``truth`` (the train.csv the
     OOF boxes come from) and write it to ``out`` (.json, .yaml).
@@ -186,7 +188,9 @@ def tune_ensemble(
     ``boxes``: the detected boxes table the crops were cut from, with ``folds`` (``folds.csv``) for the images
     without boxes; ``class_bias``: also tune one logit bias per class; ``heldout``: run the held-out check;
     ``detector``: a detection run folder or a ``detector.pt`` (input size ``det_img_size``, default its run
-    config), so that the file is ready to predict with."""
+    config), so that the file is ready to predict with; ``calibrate``: fit the temperatures and the refer-to-expert
+    threshold for at most ``target_error`` errors on the boxes kept (:func:`cytologia.calibration.fit_calibration`)
+    on the same OOF boxes, reported under ``calibration`` in the tuning report."""
     from cytologia.classification.oof import read_oof
     from cytologia.classification.stage import read_box_table
     from cytologia.data.io import read_annotations
@@ -252,8 +256,19 @@ def tune_ensemble(
     used = [*data.members, *([data.multilabel] if data.multilabel else [])]
     result.report["checkpoint_selection"] = {m: selection.get(m, "unknown") for m in used}
     tuned, blend = apply_tuning(specs, result, data)
+    calibration, cal_lines = None, []
+    if calibrate:
+        from cytologia.calibration import fit_calibration, summary_lines
+
+        names = {m.oof_model or m.name: m.name for m in tuned}
+        calibration, result.report["calibration"] = fit_calibration(
+            data, result.params, target_error=target_error, member_names=names
+        )
+        cal_lines = summary_lines(result.report["calibration"])
     det = _detector_spec(Path(detector), det_img_size) if detector is not None else None
     ens = Ensemble(tuned, blend, det, result.report)
+    if calibration is not None:
+        ens.calibration = calibration
     path = write_ensemble(ens, out)
     lines = [
         summary(result.report),
@@ -261,5 +276,6 @@ def tune_ensemble(
     ]
     if blend.multilabel_weight:
         lines.append(f"multi-label weight on single-cell images: {blend.multilabel_weight:.2f}")
+    lines += cal_lines
     lines.append(f"wrote {path}" + ("" if det else " (no --detector: add one before cytologia predict)"))
     return TunedEnsemble(ens, path, lines)

@@ -2,14 +2,17 @@
 
 It holds the members (architecture, input size, margin, flip TTA, per-fold checkpoints and/or ONNX files, weight),
 the blend (rule, class biases, multi-label weight; applied by :mod:`cytologia.ensemble.blend`), the detector
-(per-fold checkpoints/ONNX, input size, NMS, flip TTA, weighted box fusion and open-world settings) and the tuning
-report. JSON, or YAML for a ``.yaml``/``.yml`` path. Relative paths are relative to the file's folder, so a folder
+(per-fold checkpoints/ONNX, input size, NMS, flip TTA, weighted box fusion and open-world settings), the calibration
+(temperatures, refer-to-expert threshold, OOF class shares: :mod:`cytologia.calibration`) and the tuning report. A
+file without ``calibration`` (written before it existed) reads with every temperature 1 and no threshold, and the
+log says so. JSON, or YAML for a ``.yaml``/``.yml`` path. Relative paths are relative to the file's folder, so a folder
 holding the file and its models can be moved as one. Reading checks keys, types and ranges, and names the file.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
@@ -22,9 +25,13 @@ from cytologia.data.schema import CLASSES
 from cytologia.errors import CytologiaInputError
 from cytologia.oof_names import KINDS
 
+log = logging.getLogger(__name__)
+
 VERSION = 1
 N_CLASSES = len(CLASSES)
 BLEND_RULES: tuple[str, ...] = ("logit_mean",)
+# refer-to-expert scores prediction can compute from the ensemble's probabilities alone (cytologia.calibration)
+REJECT_SCORES: tuple[str, ...] = ("confidence", "margin")
 
 
 @dataclass
@@ -74,11 +81,38 @@ class BlendSpec:
 
 
 @dataclass
+class RejectSpec:
+    """Refer a box to an expert when its ``score`` (calibrated ``confidence`` of its class, or ``margin`` between the
+    two most probable classes) is below ``threshold``, chosen on out-of-fold boxes for an error rate of at most
+    ``target_error`` on the boxes kept."""
+
+    score: str = "confidence"
+    threshold: float = 0.0  # 0: nothing referred
+    target_error: float = 0.02
+
+
+@dataclass
+class CalibrationSpec:
+    """Temperature scaling fitted on out-of-fold logits (:mod:`cytologia.calibration`): ``temperature`` divides the
+    ensemble's log-probabilities (for the plain blend: its blended logits), ``member_temperatures`` each member's
+    logits; the refer-to-expert rule; ``class_prior``, the class shares of the out-of-fold truth the probabilities
+    are calibrated for (differential counts correct for a smear's other mix). ``fitted`` is False for the identity
+    (a file from before calibration)."""
+
+    temperature: float = 1.0
+    member_temperatures: dict[str, float] = field(default_factory=dict)
+    reject: RejectSpec | None = None
+    class_prior: list[float] | None = None
+    fitted: bool = False
+
+
+@dataclass
 class Ensemble:
     members: list[MemberSpec]
     blend: BlendSpec = field(default_factory=BlendSpec)
     detector: DetectorSpec | None = None
     tuning: dict[str, Any] = field(default_factory=dict)  # the tuning report (held-out gain, ...)
+    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     version: int = VERSION
     base_dir: Path | None = field(default=None, compare=False)  # folder relative paths resolve against (not saved)
 
@@ -201,7 +235,42 @@ def check_ensemble(ens: Ensemble, source: str = "<ensemble>") -> Ensemble:
                 raise CytologiaInputError(f"{source}: detector.{key}={value!r} must be in [0, 1]")
         if d.wbf_conf_type not in ("avg", "max"):
             raise CytologiaInputError(f"{source}: detector.wbf_conf_type={d.wbf_conf_type!r} must be avg or max")
+    _check_calibration(ens, source)
     return ens
+
+
+def _check_calibration(ens: Ensemble, source: str) -> None:
+    c = ens.calibration
+    temps = {"calibration.temperature": c.temperature}
+    if not isinstance(c.member_temperatures, dict):
+        raise CytologiaInputError(f"{source}: calibration.member_temperatures must be a mapping member -> temperature")
+    temps.update({f"calibration.member_temperatures[{k}]": v for k, v in c.member_temperatures.items()})
+    for key, value in temps.items():
+        _check_number(value, key, source)
+        if value <= 0:
+            raise CytologiaInputError(f"{source}: {key}={value!r} must be > 0")
+    unknown = sorted(set(c.member_temperatures) - {m.name for m in ens.members})
+    if unknown:
+        raise CytologiaInputError(f"{source}: calibration.member_temperatures names no member: {', '.join(unknown)}")
+    r = c.reject
+    if r is not None:
+        if r.score not in REJECT_SCORES:
+            raise CytologiaInputError(
+                f"{source}: calibration.reject.score={r.score!r} is not one of {', '.join(REJECT_SCORES)}"
+            )
+        for key in ("threshold", "target_error"):
+            value = getattr(r, key)
+            if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise CytologiaInputError(f"{source}: calibration.reject.{key}={value!r} must be in [0, 1]")
+    p = c.class_prior
+    if p is not None and (
+        len(p) != N_CLASSES
+        or not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in p)
+        or abs(sum(p) - 1.0) > 1e-3
+    ):
+        raise CytologiaInputError(
+            f"{source}: calibration.class_prior must hold {N_CLASSES} positive numbers summing to 1 (or be null)"
+        )
 
 
 def ensemble_from_dict(data: Any, source: str = "<ensemble>", base_dir: Path | None = None) -> Ensemble:
@@ -212,7 +281,7 @@ def ensemble_from_dict(data: Any, source: str = "<ensemble>", base_dir: Path | N
     version = data.pop("version", VERSION)
     if version != VERSION:
         raise CytologiaInputError(f"{source}: ensemble file version {version!r}; this cytologia reads {VERSION}")
-    unknown = sorted(set(data) - {"members", "blend", "detector", "tuning"})
+    unknown = sorted(set(data) - {"members", "blend", "detector", "tuning", "calibration"})
     if unknown:
         raise CytologiaInputError(f"{source}: unknown top-level key(s) {', '.join(unknown)}")
     members_raw = data.get("members")
@@ -223,7 +292,24 @@ def ensemble_from_dict(data: Any, source: str = "<ensemble>", base_dir: Path | N
     det_raw = data.get("detector")
     detector = None if det_raw is None else _from_dict(DetectorSpec, det_raw, "detector", source)
     tuning = data.get("tuning") or {}
-    ens = Ensemble(members=members, blend=blend, detector=detector, tuning=dict(tuning), base_dir=base_dir)
+    cal_raw = data.get("calibration")
+    if cal_raw is None:
+        log.info("%s: no calibration (a file from before it): temperatures 1, nobody referred to an expert", source)
+        calibration = CalibrationSpec()
+    else:
+        cal_raw = dict(cal_raw) if isinstance(cal_raw, dict) else cal_raw
+        reject_raw = cal_raw.pop("reject", None) if isinstance(cal_raw, dict) else None
+        calibration = _from_dict(CalibrationSpec, cal_raw, "calibration", source)
+        if reject_raw is not None:
+            calibration.reject = _from_dict(RejectSpec, reject_raw, "calibration.reject", source)
+    ens = Ensemble(
+        members=members,
+        blend=blend,
+        detector=detector,
+        tuning=dict(tuning),
+        calibration=calibration,
+        base_dir=base_dir,
+    )
     return check_ensemble(ens, source)
 
 
