@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -252,6 +253,81 @@ def calibrated_boxes(boxes: pd.DataFrame, calibration: CalibrationSpec, prob_pre
     out["refer"] = np.array([bool(x) for x in reasons], dtype=bool)
     out["refer_reason"] = ["; ".join(x) for x in reasons]
     return out
+
+
+CALIBRATED_SUFFIX = "_calibrated.csv"  # the per-box output next to a submission: submission_calibrated.csv
+
+
+def calibrated_path(submission: str | Path) -> Path:
+    """Where :func:`write_calibrated` writes next to the submission ``submission``."""
+    submission = Path(submission)
+    return submission.with_name(submission.stem + CALIBRATED_SUFFIX)
+
+
+def with_trustii_ids(boxes: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
+    """The known-count ``boxes`` with the ``trustii_id`` each takes in the submission -- the rule of
+    :func:`cytologia.runtime.inference.submission_table`: per image, ids in increasing order take the boxes in
+    decreasing score (stable). Every box gets exactly one id, or the error names the first image that does not."""
+    kc = boxes.sort_values(["NAME", "score"], ascending=[True, False], kind="stable").copy()
+    kc["_rank"] = kc.groupby("NAME").cumcount()
+    ids = test[["trustii_id", "NAME"]].sort_values(["NAME", "trustii_id"], kind="stable").copy()
+    ids["_rank"] = ids.groupby("NAME").cumcount()
+    merged = kc.merge(ids, on=["NAME", "_rank"], how="outer", indicator=True)
+    unmatched = merged[merged["_merge"] != "both"]
+    if len(unmatched):
+        name = unmatched["NAME"].iat[0]
+        raise CytologiaInputError(
+            f"{len(unmatched)} box(es) or trustii_id(s) without a partner, e.g. image {name}: each image needs as "
+            "many boxes as trustii_ids"
+        )
+    merged = merged.drop(columns=["_rank", "_merge"]).sort_values("trustii_id", kind="stable")
+    return merged[["trustii_id", *[c for c in merged.columns if c != "trustii_id"]]].reset_index(drop=True)
+
+
+def write_calibrated(
+    boxes: pd.DataFrame, test: pd.DataFrame, calibration: CalibrationSpec, submission: str | Path
+) -> list[str]:
+    """Write the per-box calibrated output of the known-count ``boxes`` next to ``submission``
+    (:func:`calibrated_path`): trustii_id, NAME, box, score, source, class (the submission's), ``pcal_<class>``,
+    confidence, margin, refer, refer_reason. Returns the lines ``cytologia predict`` prints."""
+    import os
+
+    table = calibrated_boxes(with_trustii_ids(boxes, test), calibration)
+    keep = [c for c in table.columns if c not in ("known_count", "open_world")]
+    path = calibrated_path(submission)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    table[keep].to_csv(tmp, index=False, float_format="%.6g")
+    os.replace(tmp, path)
+    referred = int(table["refer"].sum())
+    lines = [f"wrote {path}: calibrated probabilities and refer-to-expert flags of {len(table)} boxes"]
+    return lines + calibration_lines(calibration, referred, len(table))
+
+
+def read_calibrated(path: str | Path) -> pd.DataFrame:
+    """A per-box calibrated table (:func:`write_calibrated`), checked: NAME, class, every ``pcal_`` column and refer;
+    probabilities finite, in [0, 1], each row summing to 1 (to 1e-3: the CSV keeps 6 digits)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CytologiaInputError(f"{path}: no such file (the per-box output of cytologia predict)")
+    table = pd.read_csv(path, dtype={"NAME": str, "class": str}, keep_default_na=False)
+    need = ["NAME", *CAL_PROB_COLUMNS, "refer"]
+    missing = [c for c in need if c not in table.columns]
+    if missing:
+        raise CytologiaInputError(f"{path}: missing column(s) {', '.join(missing[:4])}")
+    probs = table[list(CAL_PROB_COLUMNS)].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+    bad = ~np.isfinite(probs).all(axis=1) | (probs < 0).any(axis=1) | (np.abs(probs.sum(axis=1) - 1) > 1e-3)
+    if bad.any():
+        rows = ", ".join(str(int(i) + 2) for i in np.flatnonzero(bad)[:10])  # +2: header line, 1-based
+        raise CytologiaInputError(
+            f"{path}: {int(bad.sum())} row(s) with probabilities that are not a distribution (file lines {rows})"
+        )
+    refer = table["refer"].astype(str).str.lower()
+    if not refer.isin(["true", "false"]).all():
+        raise CytologiaInputError(f"{path}: column refer must hold True/False")
+    table["refer"] = refer == "true"
+    table[list(CAL_PROB_COLUMNS)] = probs
+    return table
 
 
 def calibration_lines(calibration: CalibrationSpec, referred: int, total: int) -> list[str]:

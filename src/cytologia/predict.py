@@ -125,6 +125,9 @@ def predict_folder(
         if out is not None:
             write_submission(table, Path(out), test=test, image_sizes=result.sizes)
             lines.append(f"wrote {out}: {len(table)} rows, every trustii_id of {data / 'test.csv'} once")
+            from cytologia.calibration import write_calibrated  # per-box calibrated probabilities, refer flags
+
+            lines += write_calibrated(result.rows("known-count"), test, ens.calibration, Path(out))
     if boxes_out is not None:
         rows = result.rows(mode)
         csv_path, json_path = Path(boxes_out).with_suffix(".csv"), Path(boxes_out).with_suffix(".json")
