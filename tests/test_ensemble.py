@@ -252,7 +252,9 @@ def test_ensemble_file_round_trip(tmp_path: Path) -> None:
         MemberSpec("ML", kind="multilabel", img_size=96),
     ]
     members, blend = apply_tuning(specs, result, data)
-    ens = Ensemble(members, blend, DetectorSpec(img_size=320, onnx=[str(models / "det.onnx")]), result.report)
+    ens = Ensemble(
+        members, blend, DetectorSpec("ultralytics", img_size=320, onnx=[str(models / "det.onnx")]), result.report
+    )
     for suffix in (".json", ".yaml"):
         path = write_ensemble(ens, tmp_path / f"ensemble{suffix}")
         back = read_ensemble(path)
@@ -274,7 +276,9 @@ def test_ensemble_file_round_trip(tmp_path: Path) -> None:
         (lambda d: d["members"][0].update(colour=1), "unknown key"),
         (lambda d: d["blend"].update(class_bias=[0.0]), "class_bias"),
         (lambda d: d["blend"].update(multilabel_weight=2), "multilabel_weight"),
-        (lambda d: d.update(detector={"img_size": 100}), "multiple of 32"),
+        (lambda d: d.update(detector={"backend": "ultralytics", "img_size": 100}), "multiple of 32"),
+        (lambda d: d.update(detector={"img_size": 320}), "backend"),  # never guessed
+        (lambda d: d.update(detector={"backend": "yolo9000", "img_size": 320}), "not a registered backend"),
         (lambda d: d.update(members=[]), "no member"),
     ],
 )

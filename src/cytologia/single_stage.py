@@ -35,6 +35,7 @@ import torch
 
 from cytologia.clock import CLOCKS, cpu_seconds, module_clock
 from cytologia.data.schema import BOX_COLUMNS, CLASSES, SUBMISSION_COLUMNS
+from cytologia.detection.base import MAX_STRIDE
 from cytologia.errors import CytologiaInputError
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,6 @@ MODEL_TAG = "single_stage"  # ``model`` value of the boxes handed to the known-c
 SCORE_METRIC = "metrics/cytologia_score"  # keys of the selection metric (and its parts) in ultralytics' results
 GIOU_METRIC = "metrics/cytologia_giou"
 F1_METRIC = "metrics/cytologia_f1"
-STRIDE = 32  # the largest stride of the YOLO heads: the input side must be a multiple of it
 
 
 @dataclass
@@ -94,7 +94,11 @@ class SingleStageSettings:
             if not ok:
                 raise CytologiaInputError(f"single-stage setting {key}={getattr(self, key)!r} {what}")
 
-        need(self.img_size >= STRIDE and self.img_size % STRIDE == 0, "img_size", f"must be a multiple of {STRIDE}")
+        need(
+            self.img_size >= MAX_STRIDE and self.img_size % MAX_STRIDE == 0,
+            "img_size",
+            f"must be a multiple of {MAX_STRIDE}",
+        )
         need(self.epochs >= 1, "epochs", "must be >= 1")
         need(self.time_min is None or self.time_min > 0, "time_min", "must be > 0 (or None)")
         need(self.clock in CLOCKS, "clock", f"must be one of {', '.join(CLOCKS)}")

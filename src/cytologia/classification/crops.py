@@ -201,7 +201,114 @@ def label_boxes_from_truth(boxes: pd.DataFrame, truth: pd.DataFrame) -> pd.DataF
 
 
 # ---------------------------------------------------------------------------------------------------------- dataset
-class CropDataset(Dataset):
+class ItemDataset(Dataset):
+    """What the crop and the full-image datasets share: one image file per item, read as RGB (through a per-process
+    LRU cache with ``cache="memory"``), an albumentations ``transform`` on the uint8 HWC picture (which must stay uint8
+    and ``img_size`` square), normalisation with ``mean``/``std`` (0..1 scale) into a float32 CHW ``image`` tensor.
+
+    The one difference is what an item is: a subclass gives :meth:`item_image` (the uint8 picture before the
+    transform, with the transform's extra targets) and :meth:`item_fields` (the item's other tensors).
+    """
+
+    noun = "item"  # what an item is called in errors
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        image_dir: str | Path,
+        labels: Sequence[str],
+        img_size: int,
+        transform: Callable[..., dict[str, Any]] | None,
+        cache: str,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
+        repair_dir: str | Path | None,
+        cache_images: int,
+        source: str,
+    ) -> None:
+        if cache not in CACHE_MODES:
+            raise CytologiaInputError(f"cache={cache!r}: must be one of {', '.join(CACHE_MODES)}")
+        if img_size < 1:
+            raise CytologiaInputError(f"img_size={img_size}: must be >= 1")
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise CytologiaInputError(f"mean {mean} / std {std}: need 3 values each, std > 0")
+        self.image_dir = Path(image_dir)
+        self.labels = tuple(labels)
+        self.img_size = int(img_size)
+        self.transform = transform
+        self.cache = cache
+        self.cache_images = max(1, int(cache_images))
+        self.repair_dir = Path(repair_dir) if repair_dir is not None else None
+        self.source = source
+        self.mean = np.asarray(mean, dtype=np.float32) * 255.0  # applied to 0..255 values: one multiply-add
+        self.inv_std = 1.0 / (np.asarray(std, dtype=np.float32) * 255.0)
+        self.names = np.asarray([str(n) for n in names], dtype=object)
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def image_path(self, name: str) -> Path:
+        """The file an image is read from: its repaired copy when there is one, else ``image_dir/name``."""
+        return resolve_image(self.image_dir / name, self.repair_dir, name)
+
+    def cached(self, name: str, make: Callable[[], np.ndarray]) -> np.ndarray:
+        """``make()``'s picture of image ``name``, through the LRU cache when enabled."""
+        if self.cache == "memory" and name in self._cache:
+            self._cache.move_to_end(name)
+            return self._cache[name]
+        image = make()
+        if self.cache == "memory":
+            self._cache[name] = image
+            while len(self._cache) > self.cache_images:
+                self._cache.popitem(last=False)
+        return image
+
+    def read_rgb(self, index: int) -> np.ndarray:
+        """The RGB uint8 HWC array of row ``index``'s image (not cached); a bad file names the table and row."""
+        name = self.names[index]
+        try:
+            return cv2.cvtColor(decode(self.image_path(name)), cv2.COLOR_BGR2RGB)
+        except CytologiaInputError as err:
+            raise CytologiaInputError(f"{self.source}, row {index + 1} (NAME={name!r}): {err}") from None
+
+    def item_image(self, index: int) -> tuple[np.ndarray, dict[str, Any]]:
+        """The uint8 RGB picture of item ``index`` before the transform, and the transform's extra targets."""
+        raise NotImplementedError
+
+    def item_fields(self, index: int) -> dict[str, torch.Tensor]:
+        """The item's tensors other than ``image``."""
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        index = int(index)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} {self.noun}s")
+        index %= len(self)
+        image, targets = self.item_image(index)
+        if self.transform is not None:
+            image = self.transform(image=image, **targets)["image"]
+            if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
+                raise CytologiaInputError(
+                    f"transform returned {type(image).__name__} {getattr(image, 'dtype', '')}: it must return the "
+                    "uint8 HWC image (the dataset normalises and converts to a tensor itself)"
+                )
+            if image.shape[:2] != (self.img_size, self.img_size):
+                raise CytologiaInputError(
+                    f"transform changed the {self.noun} size to {image.shape[:2]}; expected "
+                    f"{self.img_size}x{self.img_size}"
+                )
+        pixels = (image.astype(np.float32) - self.mean) * self.inv_std
+        return {"image": torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))), **self.item_fields(index)}
+
+    def reseed(self, seed: int) -> None:
+        """Reseed the transform's random generators (albumentations ``set_random_seed``) when it has them."""
+        if self.transform is not None and hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(int(seed))
+
+
+class CropDataset(ItemDataset):
     """Cell crops made on the fly from a box table, for training or predicting a classifier.
 
     ``table``: ``NAME, box_id, x1..y2`` and optionally ``class`` (a name of ``labels``; missing or null gives label
@@ -216,6 +323,8 @@ class CropDataset(Dataset):
     its own. Albumentations transforms are not reseeded per worker by albumentations itself: pass
     :func:`worker_init_fn` to the DataLoader so workers draw different augmentations.
     """
+
+    noun = "crop"
 
     def __init__(
         self,
@@ -234,30 +343,25 @@ class CropDataset(Dataset):
         cache_images: int = DEFAULT_CACHE_IMAGES,
         source: str = "crop table",
     ) -> None:
-        if cache not in CACHE_MODES:
-            raise CytologiaInputError(f"cache={cache!r}: must be one of {', '.join(CACHE_MODES)}")
-        if img_size < 1:
-            raise CytologiaInputError(f"img_size={img_size}: must be >= 1")
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise CytologiaInputError(f"mean {mean} / std {std}: need 3 values each, std > 0")
+        super().__init__(
+            table["NAME"].astype(str).tolist() if "NAME" in table.columns else [],
+            image_dir,
+            labels,
+            img_size,
+            transform,
+            cache,
+            mean=mean,
+            std=std,
+            repair_dir=repair_dir,
+            cache_images=cache_images,
+            source=source,
+        )
         _check_box_table(table, source, ("box_id",))
-        self.image_dir = Path(image_dir)
-        self.labels = tuple(labels)
-        self.img_size = int(img_size)
         self.margin = float(margin)
-        self.transform = transform
-        self.cache = cache
-        self.cache_images = max(1, int(cache_images))
         self.keep_aspect = keep_aspect
-        self.repair_dir = Path(repair_dir) if repair_dir is not None else None
-        self.source = source
-        self.mean = np.asarray(mean, dtype=np.float32) * 255.0  # applied to 0..255 values: one multiply-add
-        self.inv_std = 1.0 / (np.asarray(std, dtype=np.float32) * 255.0)
-        self.names = table["NAME"].astype(str).to_numpy(dtype=object)
         self.boxes = table[list(BOX_COLUMNS)].to_numpy(dtype=np.float64)
         self.box_ids = table["box_id"].to_numpy(dtype=np.int64)
         self.targets = self._encode_labels(table)
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
 
     def _encode_labels(self, table: pd.DataFrame) -> np.ndarray:
         """Label index per row (-1 where there is no class); unknown class names are an error listing the rows."""
@@ -280,24 +384,9 @@ class CropDataset(Dataset):
         codes[known] = mapped.to_numpy(dtype=np.int64)
         return codes
 
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def image_path(self, name: str) -> Path:
-        """The file an image is read from: its repaired copy when there is one, else ``image_dir/name``."""
-        return resolve_image(self.image_dir / name, self.repair_dir, name)
-
     def load_image(self, name: str) -> np.ndarray:
         """RGB uint8 HWC array of an image, through the LRU cache when enabled."""
-        if self.cache == "memory" and name in self._cache:
-            self._cache.move_to_end(name)
-            return self._cache[name]
-        image = cv2.cvtColor(decode(self.image_path(name)), cv2.COLOR_BGR2RGB)
-        if self.cache == "memory":
-            self._cache[name] = image
-            while len(self._cache) > self.cache_images:
-                self._cache.popitem(last=False)
-        return image
+        return self.cached(name, lambda: cv2.cvtColor(decode(self.image_path(name)), cv2.COLOR_BGR2RGB))
 
     def crop(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The uint8 RGB crop of row ``index`` (before the transform) and its cell box in crop coordinates."""
@@ -308,35 +397,16 @@ class CropDataset(Dataset):
             raise CytologiaInputError(f"{self.source}, row {index + 1} (NAME={name!r}): {err}") from None
         return crop_and_locate(image, self.boxes[index], self.margin, self.img_size, keep_aspect=self.keep_aspect)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        index = int(index)
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} crops")
-        index %= len(self)
+    def item_image(self, index: int) -> tuple[np.ndarray, dict[str, Any]]:
         crop, cell = self.crop(index)
-        if self.transform is not None:
-            crop = self.transform(image=crop, cell_box=cell)["image"]
-            if not isinstance(crop, np.ndarray) or crop.dtype != np.uint8:
-                raise CytologiaInputError(
-                    f"transform returned {type(crop).__name__} {getattr(crop, 'dtype', '')}: it must return the "
-                    "uint8 HWC image (the dataset normalises and converts to a tensor itself)"
-                )
-            if crop.shape[:2] != (self.img_size, self.img_size):
-                raise CytologiaInputError(
-                    f"transform changed the crop size to {crop.shape[:2]}; expected {self.img_size}x{self.img_size}"
-                )
-        image = (crop.astype(np.float32) - self.mean) * self.inv_std
+        return crop, {"cell_box": cell}
+
+    def item_fields(self, index: int) -> dict[str, torch.Tensor]:
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
             "label": torch.tensor(self.targets[index], dtype=torch.int64),
             "box_id": torch.tensor(self.box_ids[index], dtype=torch.int64),
             "index": torch.tensor(index, dtype=torch.int64),
         }
-
-    def reseed(self, seed: int) -> None:
-        """Reseed the transform's random generators (albumentations ``set_random_seed``) when it has them."""
-        if self.transform is not None and hasattr(self.transform, "set_random_seed"):
-            self.transform.set_random_seed(int(seed))
 
 
 def worker_init_fn(worker_id: int) -> None:

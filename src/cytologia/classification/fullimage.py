@@ -20,28 +20,24 @@ a cell out of view or hide it, and its label would then be wrong; no bbox-aware 
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import albumentations as A
-import cv2
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import Dataset
 
 from cytologia.classification.augment import _MAGNITUDE, STRENGTHS, check_arguments
 from cytologia.classification.crops import (
-    CACHE_MODES,
     DEFAULT_CACHE_IMAGES,
     IMAGENET_MEAN,
     IMAGENET_STD,
     MAX_REPORTED,
+    ItemDataset,
     crop_with_margin,
 )
-from cytologia.data.images import decode, resolve_image
 from cytologia.data.schema import BACKGROUND
 from cytologia.errors import CytologiaInputError, ValidationError
 
@@ -163,7 +159,7 @@ def build_image_transforms(
 
 
 # ---------------------------------------------------------------------------------------------------------- dataset
-class FullImageDataset(Dataset):
+class FullImageDataset(ItemDataset):
     """Whole letterboxed images with multi-hot targets, for training or predicting the multi-label classifier.
 
     ``table``: ``NAME`` and ``classes`` (space-separated label names of ``labels`` present in the image; empty for
@@ -176,6 +172,8 @@ class FullImageDataset(Dataset):
 
     ``cache="memory"`` keeps up to ``cache_images`` letterboxed images per process (LRU).
     """
+
+    noun = "image"
 
     def __init__(
         self,
@@ -192,28 +190,23 @@ class FullImageDataset(Dataset):
         cache_images: int = DEFAULT_CACHE_IMAGES,
         source: str = "image table",
     ) -> None:
-        if cache not in CACHE_MODES:
-            raise CytologiaInputError(f"cache={cache!r}: must be one of {', '.join(CACHE_MODES)}")
-        if img_size < 1:
-            raise CytologiaInputError(f"img_size={img_size}: must be >= 1")
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise CytologiaInputError(f"mean {mean} / std {std}: need 3 values each, std > 0")
         missing = [c for c in ("NAME", "classes") if c not in table.columns]
         if missing:
             raise CytologiaInputError(f"{source}: missing column(s) {', '.join(missing)}")
-        self.image_dir = Path(image_dir)
-        self.labels = tuple(labels)
-        self.img_size = int(img_size)
-        self.transform = transform
-        self.cache = cache
-        self.cache_images = max(1, int(cache_images))
-        self.repair_dir = Path(repair_dir) if repair_dir is not None else None
-        self.source = source
-        self.mean = np.asarray(mean, dtype=np.float32) * 255.0
-        self.inv_std = 1.0 / (np.asarray(std, dtype=np.float32) * 255.0)
-        self.names = table["NAME"].astype(str).to_numpy(dtype=object)
+        super().__init__(
+            table["NAME"].astype(str).tolist(),
+            image_dir,
+            labels,
+            img_size,
+            transform,
+            cache,
+            mean=mean,
+            std=std,
+            repair_dir=repair_dir,
+            cache_images=cache_images,
+            source=source,
+        )
         self.targets, self.cell_labels = self._encode(table)
-        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
 
     def _encode(self, table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """Multi-hot targets (n, K) and single-cell label indices (n,); unknown label names are an error listing the
@@ -242,56 +235,13 @@ class FullImageDataset(Dataset):
             raise ValidationError(self.source, problems[:MAX_REPORTED], total=len(problems))
         return targets, cell
 
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def image_path(self, name: str) -> Path:
-        """The file an image is read from: its repaired copy when there is one, else ``image_dir/name``."""
-        return resolve_image(self.image_dir / name, self.repair_dir, name)
-
-    def load(self, index: int) -> np.ndarray:
+    def item_image(self, index: int) -> tuple[np.ndarray, dict[str, Any]]:
         """The letterboxed uint8 RGB image of row ``index`` (before the transform), through the cache."""
-        name = self.names[index]
-        if self.cache == "memory" and name in self._cache:
-            self._cache.move_to_end(name)
-            return self._cache[name]
-        try:
-            image = cv2.cvtColor(decode(self.image_path(name)), cv2.COLOR_BGR2RGB)
-        except CytologiaInputError as err:
-            raise CytologiaInputError(f"{self.source}, row {index + 1} (NAME={name!r}): {err}") from None
-        image = letterbox(image, self.img_size)
-        if self.cache == "memory":
-            self._cache[name] = image
-            while len(self._cache) > self.cache_images:
-                self._cache.popitem(last=False)
-        return image
+        return self.cached(self.names[index], lambda: letterbox(self.read_rgb(index), self.img_size)), {}
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        index = int(index)
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} images")
-        index %= len(self)
-        image = self.load(index)
-        if self.transform is not None:
-            image = self.transform(image=image)["image"]
-            if not isinstance(image, np.ndarray) or image.dtype != np.uint8:
-                raise CytologiaInputError(
-                    f"transform returned {type(image).__name__} {getattr(image, 'dtype', '')}: it must return the "
-                    "uint8 HWC image (the dataset normalises and converts to a tensor itself)"
-                )
-            if image.shape[:2] != (self.img_size, self.img_size):
-                raise CytologiaInputError(
-                    f"transform changed the image size to {image.shape[:2]}; expected {self.img_size}x{self.img_size}"
-                )
-        pixels = (image.astype(np.float32) - self.mean) * self.inv_std
+    def item_fields(self, index: int) -> dict[str, torch.Tensor]:
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))),
             "target": torch.from_numpy(self.targets[index].copy()),
             "label": torch.tensor(self.cell_labels[index], dtype=torch.int64),
             "index": torch.tensor(index, dtype=torch.int64),
         }
-
-    def reseed(self, seed: int) -> None:
-        """Reseed the transform's random generators (albumentations ``set_random_seed``) when it has them."""
-        if self.transform is not None and hasattr(self.transform, "set_random_seed"):
-            self.transform.set_random_seed(int(seed))

@@ -50,7 +50,7 @@ import importlib.util
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -460,9 +460,113 @@ def _fold_result(
     return result
 
 
+# ------------------------------------------------------------------------- what one item is: a crop or an image
+@dataclass
+class CropItems:
+    """A crop model's items: one per box of ``boxes`` (:func:`crop_boxes`), trained on its known label."""
+
+    boxes: pd.DataFrame
+    kind: str = "cell"
+    unit: str = "box"
+
+    def split(self, fold: int, label_names: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Training items (other folds, known label) and held-out items (``fold``, every box: each gets logits)."""
+        known = label_index(self.boxes, label_names) >= 0
+        in_fold = (self.boxes["fold"] == fold).to_numpy()
+        if (~in_fold & ~known).any():
+            log.warning(
+                "fold %d: %d training box(es) without a known label left out", fold, int((~in_fold & ~known).sum())
+            )
+        return self.boxes[~in_fold & known].reset_index(drop=True), self.boxes[in_fold].reset_index(drop=True)
+
+    def datamodule(
+        self, cfg: DictConfig, train: list[CropSource], val: CropSource, label_names: list[str], augment: dict
+    ) -> CropDataModule:
+        t, c = cfg.trainer, cfg.classifier
+        return CropDataModule(
+            train,
+            val,
+            label_names,
+            c.img_size,
+            margin=c.margin,
+            batch_size=t.batch_size,
+            num_workers=t.num_workers,
+            augment=augment,
+            cache=c.cache,
+        )
+
+    def model_name(self, exp_name: str) -> str:
+        return exp_name
+
+    def oof_rows(self, val: pd.DataFrame, fold: int) -> tuple[pd.DataFrame, np.ndarray]:
+        """The boxes that get an OOF row and, per row, the index of its logits among the held-out items."""
+        return val, np.arange(len(val))
+
+    def n_train(self, sources: list[CropSource]) -> int:
+        return len(sources[0].table)  # the annotated crops (background crops are logged apart)
+
+    def scores(
+        self, data: CropDataModule, plain: np.ndarray, val: pd.DataFrame, label_names: list[str], n_cells: int
+    ) -> tuple[float, float, dict[str, Any]]:
+        f1, acc = score_logits(plain, label_index(val, label_names), label_names, n_cells)
+        return f1, acc, {}
+
+
+@dataclass
+class ImageItems(CropItems):
+    """The multi-label full-image model's items: one per image of ``images``
+    (:func:`cytologia.classification.fullimage.image_table`); ``boxes`` are the boxes the OOF table gets a row for
+    (:func:`crop_boxes`), each given its image's logits."""
+
+    images: pd.DataFrame = field(default_factory=pd.DataFrame)
+    kind: str = "multilabel"
+    unit: str = "image"
+
+    def split(self, fold: int, label_names: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+        in_fold = (self.images["fold"] == fold).to_numpy()
+        return self.images[~in_fold].reset_index(drop=True), self.images[in_fold].reset_index(drop=True)
+
+    def datamodule(
+        self, cfg: DictConfig, train: list[CropSource], val: CropSource, label_names: list[str], augment: dict
+    ) -> CropDataModule:
+        t, c = cfg.trainer, cfg.classifier
+        return FullImageDataModule(
+            train,
+            val,
+            label_names,
+            c.img_size,
+            batch_size=t.batch_size,
+            num_workers=t.num_workers,
+            augment=augment,
+            cache=c.cache,
+        )
+
+    def model_name(self, exp_name: str) -> str:
+        return multilabel_model_name(exp_name)
+
+    def oof_rows(self, val: pd.DataFrame, fold: int) -> tuple[pd.DataFrame, np.ndarray]:
+        held = self.boxes[self.boxes["fold"] == fold].reset_index(drop=True)
+        at = pd.Series(np.arange(len(val)), index=val["NAME"]).reindex(held["NAME"].astype(str)).to_numpy()
+        lost = np.isnan(at.astype(np.float64))
+        if lost.any():  # detected boxes on an image whose truth boxes were all dropped by validation: not an image here
+            log.warning("fold %d: %d box(es) on images without a ground-truth box get no logits", fold, int(lost.sum()))
+            held, at = held[~lost].reset_index(drop=True), at[~lost]
+        return held, at.astype(np.int64)
+
+    def n_train(self, sources: list[CropSource]) -> int:
+        return sum(len(s.table) for s in sources)  # background images included
+
+    def scores(
+        self, data: CropDataModule, plain: np.ndarray, val: pd.DataFrame, label_names: list[str], n_cells: int
+    ) -> tuple[float, float, dict[str, Any]]:
+        val_set = data.val_set
+        f1, acc = score_logits(plain, val_set.cell_labels, label_names, n_cells)  # type: ignore[union-attr]
+        return f1, acc, {"kind": self.kind, "oof_mean_ap": mean_average_precision(plain, val_set.targets)}  # type: ignore[union-attr]
+
+
 def train_fold(
     cfg: DictConfig,
-    boxes: pd.DataFrame,
+    items: CropItems,
     fold: int,
     fold_dir: Path,
     image_dir: Path,
@@ -470,42 +574,28 @@ def train_fold(
     callbacks: list[Any] | None = None,
     background: CropSource | None = None,
 ) -> FoldResult | None:
-    """Train on every fold but ``fold``, validate on ``fold``, write the fold's outputs (rank 0 only; other DDP
-    ranks return None). ``background``: extra training crops (their folds other than ``fold``). ``callbacks``:
-    extra Lightning callbacks (tests)."""
-    t, c = cfg.trainer, cfg.classifier
+    """Train on the ``items`` of every fold but ``fold`` (crops: :class:`CropItems`; whole images for the multi-label
+    model: :class:`ImageItems`), validate on ``fold``, write the fold's outputs (rank 0 only; other DDP ranks return
+    None). ``background``: extra training items (their folds other than ``fold``). ``callbacks``: extra Lightning
+    callbacks (tests)."""
     fold_dir = Path(fold_dir)
     done = _finished_fold(cfg, fold, fold_dir)
     if done is not None:
         return done
 
     L.seed_everything(int(cfg.seed) + fold, workers=True, verbose=False)
-    known = label_index(boxes, label_names) >= 0
-    in_fold = (boxes["fold"] == fold).to_numpy()
-    train_table = boxes[~in_fold & known].reset_index(drop=True)
-    val_table = boxes[in_fold].reset_index(drop=True)
-    if (~in_fold & ~known).any():
-        log.warning("fold %d: %d training box(es) without a known label left out", fold, int((~in_fold & ~known).sum()))
+    train_table, val_table = items.split(fold, label_names)
     if train_table.empty or val_table.empty:
-        raise CytologiaInputError(f"fold {fold}: {len(train_table)} training and {len(val_table)} held-out boxes")
-
-    augment = OmegaConf.to_container(c.augment, resolve=True)
+        raise CytologiaInputError(
+            f"fold {fold}: {len(train_table)} training and {len(val_table)} held-out {items.unit}(s)"
+        )
+    augment = OmegaConf.to_container(cfg.classifier.augment, resolve=True)
     sources = [CropSource(train_table, image_dir)]
     if background is not None:
         bg = background.table[background.table["fold"] != fold].reset_index(drop=True)
         sources.append(CropSource(bg, background.image_dir))
-        log.info("fold %d: %d background crops added to training", fold, len(bg))
-    data = CropDataModule(
-        sources,
-        CropSource(val_table, image_dir),
-        label_names,
-        c.img_size,
-        margin=c.margin,
-        batch_size=t.batch_size,
-        num_workers=t.num_workers,
-        augment=augment,
-        cache=c.cache,
-    )
+        log.info("fold %d: %d background %s(s) added to training", fold, len(bg), items.unit)
+    data = items.datamodule(cfg, sources, CropSource(val_table, image_dir), label_names, augment)
     module = _module(cfg, label_names, augment)
     fit = _fit(cfg, module, data, fold, fold_dir, callbacks)
     if fit is None:
@@ -517,101 +607,16 @@ def train_fold(
     )
     if not np.array_equal(index, np.arange(len(val_table))):
         raise RuntimeError(f"fold {fold}: the prediction loader returned {len(index)} rows out of table order")
-    names, box_ids = val_table["NAME"].to_numpy(), val_table["box_id"].to_numpy()
-    tables = [make_oof_table(names, box_ids, fold, cfg.exp_name, plain)]
-    if cfg.ensemble.tta_flip:
-        tables.append(make_oof_table(names, box_ids, fold, flip_model_name(cfg.exp_name), (plain + flipped) / 2))
-    write_oof(pd.concat(tables, ignore_index=True), fold_dir / OOF_FILE)
-    f1, acc = score_logits(plain, label_index(val_table, label_names), label_names, module.n_cell_classes)
-    return _fold_result(fit, fold, fold_dir, f1, acc, n_train=len(train_table), n_val=len(val_table))
-
-
-def train_fold_multilabel(
-    cfg: DictConfig,
-    images: pd.DataFrame,
-    boxes: pd.DataFrame,
-    fold: int,
-    fold_dir: Path,
-    image_dir: Path,
-    label_names: list[str],
-    callbacks: list[Any] | None = None,
-    background: CropSource | None = None,
-) -> FoldResult | None:
-    """The multi-label full-image model of one fold: train on the images of every fold but ``fold``, validate on the
-    images of ``fold``, write the fold's outputs (rank 0 only; other DDP ranks return None).
-
-    ``images``: the image table of the annotated images (:func:`cytologia.classification.fullimage.image_table`);
-    ``boxes``: the boxes the OOF table gets a row for (:func:`crop_boxes`), each given its image's logits;
-    ``background``: background images (an image table with the label "background", their folds other than ``fold``
-    join training). ``callbacks``: extra Lightning callbacks (tests).
-    """
-    t, c = cfg.trainer, cfg.classifier
-    fold_dir = Path(fold_dir)
-    done = _finished_fold(cfg, fold, fold_dir)
-    if done is not None:
-        return done
-
-    L.seed_everything(int(cfg.seed) + fold, workers=True, verbose=False)
-    in_fold = (images["fold"] == fold).to_numpy()
-    train_images = images[~in_fold].reset_index(drop=True)
-    val_images = images[in_fold].reset_index(drop=True)
-    if train_images.empty or val_images.empty:
-        raise CytologiaInputError(f"fold {fold}: {len(train_images)} training and {len(val_images)} held-out images")
-    augment = OmegaConf.to_container(c.augment, resolve=True)
-    sources = [CropSource(train_images, image_dir)]
-    if background is not None:
-        bg = background.table[background.table["fold"] != fold].reset_index(drop=True)
-        sources.append(CropSource(bg, background.image_dir))
-        log.info("fold %d: %d background images added to training", fold, len(bg))
-    data = FullImageDataModule(
-        sources,
-        CropSource(val_images, image_dir),
-        label_names,
-        c.img_size,
-        batch_size=t.batch_size,
-        num_workers=t.num_workers,
-        augment=augment,
-        cache=c.cache,
-    )
-    module = _module(cfg, label_names, augment)
-    fit = _fit(cfg, module, data, fold, fold_dir, callbacks)
-    if fit is None:
-        return None
-
-    device = fit.trainer.strategy.root_device
-    plain, flipped, index = predict_logits(
-        module.model, data.predict_loader(), device, hflip=cfg.ensemble.tta_flip, precision=fit.precision
-    )
-    if not np.array_equal(index, np.arange(len(val_images))):
-        raise RuntimeError(f"fold {fold}: the prediction loader returned {len(index)} rows out of table order")
-    # One OOF row per held-out box, carrying its image's logits.
-    held = boxes[boxes["fold"] == fold].reset_index(drop=True)
-    at = pd.Series(np.arange(len(val_images)), index=val_images["NAME"]).reindex(held["NAME"].astype(str)).to_numpy()
-    lost = np.isnan(at.astype(np.float64))
-    if lost.any():  # detected boxes on an image whose truth boxes were all dropped by validation: not an image here
-        log.warning("fold %d: %d box(es) on images without a ground-truth box get no logits", fold, int(lost.sum()))
-        held, at = held[~lost].reset_index(drop=True), at[~lost]
-    at = at.astype(np.int64)
-    model = multilabel_model_name(cfg.exp_name)
+    held, at = items.oof_rows(val_table, fold)
+    model = items.model_name(cfg.exp_name)
     names, box_ids = held["NAME"].to_numpy(), held["box_id"].to_numpy()
     tables = [make_oof_table(names, box_ids, fold, model, plain[at])]
     if cfg.ensemble.tta_flip:
         tables.append(make_oof_table(names, box_ids, fold, flip_model_name(model), ((plain + flipped) / 2)[at]))
     write_oof(pd.concat(tables, ignore_index=True), fold_dir / OOF_FILE)
-    val_set = data.val_set
-    f1, acc = score_logits(plain, val_set.cell_labels, label_names, module.n_cell_classes)  # type: ignore[union-attr]
-    mean_ap = mean_average_precision(plain, val_set.targets)  # type: ignore[union-attr]
-    return _fold_result(
-        fit,
-        fold,
-        fold_dir,
-        f1,
-        acc,
-        n_train=sum(len(s.table) for s in sources),
-        n_val=len(val_images),
-        kind="multilabel",
-        oof_mean_ap=mean_ap,
-    )
+    f1, acc, extra = items.scores(data, plain, val_table, label_names, module.n_cell_classes)
+    n_train = items.n_train(sources)
+    return _fold_result(fit, fold, fold_dir, f1, acc, n_train=n_train, n_val=len(val_table), **extra)
 
 
 # --------------------------------------------------------------------------------------------------- the stage
@@ -634,16 +639,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, object]:
         if background is not None:
             source = str(cfg.classifier.background_table)
             background = CropSource(background_image_table(background.table, source), background.image_dir)
+    items = CropItems(boxes) if images is None else ImageItems(boxes, images=images)
     to_train = [int(cfg.fold)] if cfg.fold is not None else list(range(int(cfg.folds.k)))
     results = []
     for fold in to_train:
         fold_dir = run_dir / f"fold_{fold}"
-        if images is None:
-            result = train_fold(cfg, boxes, fold, fold_dir, root / "images", label_names, background=background)
-        else:
-            result = train_fold_multilabel(
-                cfg, images, boxes, fold, fold_dir, root / "images", label_names, background=background
-            )
+        result = train_fold(cfg, items, fold, fold_dir, root / "images", label_names, background=background)
         if result is not None:
             results.append(result)
     if not results:  # a DDP rank > 0: rank 0 writes the summary

@@ -53,10 +53,11 @@ def _images(folder: Path, n: int) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cytologia.detection.base import MAX_STRIDE
     from cytologia.detection.export import benchmark, export_detector, generated_images, verify_onnx
 
-    if args.img_size < 32 or args.img_size % 32:
-        raise CytologiaInputError(f"--img-size {args.img_size} must be a positive multiple of 32")
+    if args.img_size < MAX_STRIDE or args.img_size % MAX_STRIDE:
+        raise CytologiaInputError(f"--img-size {args.img_size} must be a positive multiple of {MAX_STRIDE}")
     if args.n_verify < 1:
         raise CytologiaInputError(f"--n-verify {args.n_verify} must be >= 1")
     detector, path = export_detector(args.weights, args.out, args.img_size, opset=args.opset)

@@ -32,6 +32,10 @@ import pandas as pd
 
 from cytologia.errors import CytologiaInputError
 
+# The largest stride of every registered backend's heads (YOLO11's P5, YOLOX's (8, 16, 32)): a detector's input side
+# must be a multiple of it.
+MAX_STRIDE = 32
+
 if TYPE_CHECKING:
     import torch
 

@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 
 from cytologia.config import settings_from
 from cytologia.data.prepare import FOLDS_FILE, ensure_data, ensure_folds, read_train
+from cytologia.detection.base import MAX_STRIDE
 from cytologia.detection.oof import OOF_COLUMNS, empty_boxes, known_count_giou, write_boxes
 from cytologia.detection.registry import DetectionData, Detector, TrainResult, TrainSettings, create_detector
 from cytologia.errors import CytologiaInputError
@@ -38,7 +39,6 @@ log = logging.getLogger(__name__)
 OOF_FILE = "oof_boxes.csv"
 METRICS_FILE = "metrics.json"
 CHECKPOINT_FILE = "detector.pt"
-STRIDE = 32  # the largest stride of the YOLO heads: the input side must be a multiple of it
 
 
 # ------------------------------------------------------------------------------------------------------ config
@@ -49,7 +49,11 @@ def check_detector_config(det: DictConfig) -> None:
         if not ok:
             raise CytologiaInputError(f"config key detector.{key}={det[key]!r} {what}")
 
-    need(det.img_size >= STRIDE and det.img_size % STRIDE == 0, "img_size", f"must be a positive multiple of {STRIDE}")
+    need(
+        det.img_size >= MAX_STRIDE and det.img_size % MAX_STRIDE == 0,
+        "img_size",
+        f"must be a positive multiple of {MAX_STRIDE}",
+    )
     for key in ("epochs", "batch_size", "max_det", "predict_batch"):
         need(det[key] >= 1, key, "must be >= 1")
     for key in ("patience", "workers"):
@@ -65,15 +69,13 @@ def model_id(det: DictConfig) -> str:
 
 
 def init_weights(cfg: DictConfig) -> Path | None:
-    """``detector.weights`` as a checked path: a file path, or a bare name in ``paths.models_dir``; its sha256 must
-    match the manifest of its folder (:func:`cytologia.weights.verified_path`). None: random init."""
-    if cfg.detector.weights is None:
-        return None
-    from cytologia.weights import verified_path
+    """``detector.weights`` as a checked path (:func:`cytologia.weights_catalog.resolve_weights`): a catalog name
+    (``yolox_s``: the official release file in ``paths.models_dir``), a file path, or a bare name in
+    ``paths.models_dir``, whose sha256 must match the manifest of its folder. None for ``random``; null is an error
+    (random weights are asked for explicitly)."""
+    from cytologia.weights_catalog import resolve_weights
 
-    given = Path(cfg.detector.weights)
-    path = given if given.is_file() else Path(cfg.paths.models_dir) / given
-    return verified_path(path, path.parent)
+    return resolve_weights(cfg.detector.weights, cfg.paths.models_dir, key="detector.weights")
 
 
 # keys of the detector group that are not training settings: the detector's name and init weights (create_detector)

@@ -57,7 +57,7 @@ class DetectorSpec:
     """The single-class detector: one or more fold models, fused by weighted box fusion when there are several
     passes (folds x flip)."""
 
-    backend: str = "ultralytics"
+    backend: str  # a registry name (cytologia.detection.registry.BACKENDS); written by every tool, never guessed
     arch: str | None = None
     img_size: int = 512
     checkpoints: list[str] = field(default_factory=list)
@@ -225,9 +225,17 @@ def check_ensemble(ens: Ensemble, source: str = "<ensemble>") -> Ensemble:
         raise CytologiaInputError(f"{source}: blend.multilabel_weight={b.multilabel_weight!r} must be in [0, 1]")
     d = ens.detector
     if d is not None:
-        _check_number(d.img_size, "detector.img_size", source, low=32, integer=True)
-        if d.img_size % 32:
-            raise CytologiaInputError(f"{source}: detector.img_size={d.img_size} must be a multiple of 32")
+        from cytologia.detection.base import MAX_STRIDE
+        from cytologia.detection.registry import BACKENDS
+
+        if d.backend not in BACKENDS:
+            raise CytologiaInputError(
+                f"{source}: detector.backend={d.backend!r} is not a registered backend ({', '.join(BACKENDS)})"
+            )
+    if d is not None:
+        _check_number(d.img_size, "detector.img_size", source, low=MAX_STRIDE, integer=True)
+        if d.img_size % MAX_STRIDE:
+            raise CytologiaInputError(f"{source}: detector.img_size={d.img_size} must be a multiple of {MAX_STRIDE}")
         _check_number(d.max_det, "detector.max_det", source, low=1, integer=True)
         for key in ("conf", "nms_iou", "wbf_iou", "wbf_skip", "open_world_score", "open_world_iou"):
             value = getattr(d, key)

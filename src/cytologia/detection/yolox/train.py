@@ -50,6 +50,7 @@ import yaml
 from cytologia.boxes import clip
 from cytologia.data.images import image_sizes, resolve_image
 from cytologia.data.schema import BOX_COLUMNS
+from cytologia.detection.base import MAX_STRIDE
 from cytologia.detection.oof import known_count_giou
 from cytologia.detection.registry import DetectionData, TrainResult, TrainSettings
 from cytologia.detection.yolox.assign import ASSIGN_MODES
@@ -65,7 +66,6 @@ log = logging.getLogger(__name__)
 KC_METRIC = "metrics/known_count_giou"  # the history key the stage reads (same as the ultralytics backend's)
 OPTIMIZERS: tuple[str, ...] = ("SGD", "AdamW", "Adam")
 EMA_TAU = 2000.0  # updates over which the EMA decay ramps up to ema_decay
-STRIDE = 32
 VAL_CONF = 0.001  # score floor when scoring the held-out fold: known-count keeps the top-N whatever their score
 VAL_MAX_DET = 50
 
@@ -313,9 +313,9 @@ class ModelEMA:
 def multiscale_sides(img_size: int, spread: float) -> list[int]:
     """Sides for multi-scale training: the multiples of 32 from ``img_size * (1 - spread)`` to ``img_size * (1 +
     spread)`` (each end rounded to the nearest multiple, at least 32)."""
-    low = max(1, round(img_size * (1 - spread) / STRIDE))
-    high = max(low, round(img_size * (1 + spread) / STRIDE))
-    return [STRIDE * k for k in range(low, high + 1)]
+    low = max(1, round(img_size * (1 - spread) / MAX_STRIDE))
+    high = max(low, round(img_size * (1 + spread) / MAX_STRIDE))
+    return [MAX_STRIDE * k for k in range(low, high + 1)]
 
 
 def resize_batch(images: torch.Tensor, targets: list[torch.Tensor], side: int) -> tuple[torch.Tensor, list]:
