@@ -14,6 +14,7 @@ import sys
 # name -> (module, one-line help). Adding a command = adding a module and one line here.
 COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("cytologia.commands.validate", "validate train/test/submission tables (and images)"),
+    "import": ("cytologia.commands.import_data", "import another leukocyte data set (folder, VOC, COCO, YOLO)"),
     "score": ("cytologia.commands.score", "challenge score of a submission against the truth"),
     "synth": ("cytologia.commands.synth", "generate a synthetic Cytologia data set"),
     "folds": ("cytologia.commands.folds", "source-aware, multilabel-stratified folds"),
