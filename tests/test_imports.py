@@ -152,3 +152,29 @@ def test_each_module_imports_alone(module: str) -> None:
     before it, and a cycle that breaks initialisation fails here (~5 s a module: torch)."""
     run = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, f"import {module} failed:\n{run.stderr[-3000:]}"
+
+
+def argparse_users(src: Path = SRC, package: str = PACKAGE) -> list[str]:
+    """Modules that import argparse anywhere (function bodies included)."""
+    users = []
+    for name, (path, _) in package_modules(src, package).items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            if any(n == "argparse" or n.startswith("argparse.") for n in names):
+                users.append(name)
+                break
+    return users
+
+
+def test_only_the_cli_and_its_commands_parse_arguments(tmp_path: Path) -> None:
+    """Library code never drives the CLI: argument parsing lives in ``cytologia.cli`` and ``cytologia.commands``."""
+    outside = [m for m in argparse_users() if m != f"{PACKAGE}.cli" and not m.startswith(f"{PACKAGE}.commands.")]
+    assert outside == [], f"argparse outside cytologia.commands: {outside}"
+    # The check itself finds a parser in a library module.
+    (tmp_path / "pkg" / "runtime").mkdir(parents=True)
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "runtime" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "runtime" / "bench.py").write_text("def add_arguments(p):\n    import argparse\n")
+    assert argparse_users(tmp_path, "pkg") == ["pkg.runtime.bench"]

@@ -17,7 +17,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "score": ("cytologia.commands.bench_score", "vectorised challenge score vs the per-image loop, on the real table"),
     "synth": ("cytologia.commands.bench_synth", "synthetic data generation speed"),
     "folds": ("cytologia.commands.bench_folds", "fold assignment speed"),
-    "pipeline": ("cytologia.runtime.bench", "inference per stage (decode ... blend), ONNX Runtime vs torch"),
+    "pipeline": ("cytologia.commands.bench_pipeline", "inference per stage (decode ... blend), ONNX Runtime vs torch"),
 }
 
 

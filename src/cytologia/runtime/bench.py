@@ -1,4 +1,5 @@
-"""`cytologia bench pipeline`: per-stage inference time of the whole pipeline, ONNX Runtime vs torch in one run.
+"""Per-stage inference time of the whole pipeline, ONNX Runtime vs torch in one run (:func:`bench_pipeline`; its command
+is `cytologia bench pipeline`, :mod:`cytologia.commands.bench_pipeline`).
 
 For each runtime the pipeline is built, warmed up on a few images, then run over the images with decoding *not*
 overlapped with inference (so that the decode column is the real decode time); batches are ``--batch`` images (1 by
@@ -21,13 +22,12 @@ and classifier(s) (``--cls``, ``--cls-size``) are built and exported into a temp
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import platform
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from cytologia.errors import CytologiaInputError
-from cytologia.runtime.inference import MODES, STAGES, Pipeline, PipelineResult
+from cytologia.runtime.inference import STAGES, Pipeline, PipelineResult
 
 log = logging.getLogger(__name__)
 
@@ -304,72 +304,81 @@ def image_list(data: Path, limit: int | None) -> tuple[list[Path], pd.Series | N
     return [images / n for n in names], counts
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", type=Path, required=True, help="folder with test.csv + images/ (or only images)")
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ensemble", type=Path, help="ensemble file (cytologia tune)")
-    src.add_argument("--random-models", action="store_true", help="random-weight compact models (timing only)")
-    parser.add_argument("--runtime", choices=("onnx", "torch", "both"), default="both")
-    parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda", "tensorrt"), help="(cpu)")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads per runtime (2: the challenge's CPU)")
-    parser.add_argument("--images", type=int, default=50, help="images timed (50; 0 = all)")
-    parser.add_argument("--batch", type=int, default=1, help="images per batch (1: per-image latency)")
-    parser.add_argument("--warmup", type=int, default=3, help="images run before timing (3)")
-    parser.add_argument("--mode", choices=MODES, default=None, help="default: known-count with test.csv")
-    parser.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None, help="override the file")
-    parser.add_argument("--int8", choices=("off", "on", "measure"), default="off", help="CPU int8 (onnx runtime)")
-    parser.add_argument("--det", default="yolo11n", help="--random-models: detector architecture (yolo11n)")
-    parser.add_argument("--det-size", type=int, default=320, help="--random-models: detector input (320)")
-    parser.add_argument("--cls", default="resnet18", help="--random-models: classifier(s), comma-separated")
-    parser.add_argument("--cls-size", type=int, default=128, help="--random-models: classifier input (128)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+@dataclass
+class PipelineBench:
+    """What :func:`bench_pipeline` measured: one :class:`RuntimeBench` per runtime, and the header naming the run."""
+
+    header: str
+    mode: str
+    results: list[RuntimeBench]
+
+    def table(self) -> str:
+        return format_table(self.results, self.header)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"header": self.header, "mode": self.mode, "results": [r.as_dict() for r in self.results]}
 
 
-def run(args: argparse.Namespace) -> int:
+def bench_pipeline(
+    data: Path,
+    ensemble: Path | None = None,
+    *,
+    random_models: tuple[str, int, list[tuple[str, int]]] | None = None,
+    runtimes: Sequence[str] = ("onnx", "torch"),
+    device: str = "cpu",
+    threads: int = 2,
+    images: int | None = 50,
+    batch: int = 1,
+    warmup: int = 3,
+    mode: str | None = None,
+    tta_flip: bool | None = None,
+    int8: str = "off",
+) -> PipelineBench:
+    """Time the whole pipeline per stage on the images of ``data`` for each runtime, side by side in one process.
+
+    The models: the ensemble file ``ensemble``, or ``random_models=(detector, det_size, [(classifier, size), ...])``
+    built with random weights in a temporary folder (speed does not depend on the weights). ``mode``: known-count
+    when ``data`` has ``test.csv``, else open-world."""
     from cytologia.ensemble import read_ensemble
 
-    if args.threads is not None and args.threads < 1:
-        raise CytologiaInputError(f"--threads {args.threads} must be >= 1")
-    paths, counts = image_list(args.data, args.images or None)
-    mode = args.mode or ("known-count" if counts is not None else "open-world")
+    if threads is not None and threads < 1:
+        raise CytologiaInputError(f"threads={threads} must be >= 1")
+    if (ensemble is None) == (random_models is None):
+        raise CytologiaInputError("give either an ensemble file or random_models, not both or neither")
+    paths, counts = image_list(data, images or None)
+    mode = mode or ("known-count" if counts is not None else "open-world")
     if mode == "known-count" and counts is None:
-        raise CytologiaInputError(f"{args.data}: known-count mode needs test.csv")
-    runtimes = ["onnx", "torch"] if args.runtime == "both" else [args.runtime]
+        raise CytologiaInputError(f"{data}: known-count mode needs test.csv")
     with tempfile.TemporaryDirectory(prefix="cytologia-bench-") as tmp:
-        if args.random_models:
-            classifiers = [(c.strip(), args.cls_size) for c in args.cls.split(",") if c.strip()]
-            path = build_random_ensemble(tmp, detector=args.det, det_size=args.det_size, classifiers=classifiers)
-        else:
-            path = args.ensemble
-        ensemble = read_ensemble(path)
+        if random_models is not None:
+            det, det_size, classifiers = random_models
+            ensemble = build_random_ensemble(tmp, detector=det, det_size=det_size, classifiers=classifiers)
+        ens = read_ensemble(ensemble)
         results = [
             bench_runtime(
-                ensemble,
+                ens,
                 rt,
                 paths,
                 counts,
                 mode=mode,
-                device=args.device,
-                threads=args.threads,
-                batch_size=args.batch,
-                warmup=min(args.warmup, len(paths)),
-                tta_flip=args.tta_flip,
-                int8=args.int8,
+                device=device,
+                threads=threads,
+                batch_size=batch,
+                warmup=min(warmup, len(paths)),
+                tta_flip=tta_flip,
+                int8=int8,
             )
             for rt in runtimes
         ]
-    det = ensemble.detector
-    members = ", ".join(f"{m.name}@{m.img_size}" for m in ensemble.cell_members)
+    det_spec = ens.detector
+    members = ", ".join(f"{m.name}@{m.img_size}" for m in ens.cell_members)
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    flip = det_spec.tta_flip if tta_flip is None else tta_flip
+    passes = max(len(det_spec.onnx), len(det_spec.checkpoints))
     header = (
-        f"pipeline bench: {len(paths)} images of {args.data}, {mode}, batch {args.batch}, {args.threads} thread(s), "
-        f"device {args.device}, {platform.processor() or platform.machine()} ({os.cpu_count()} CPUs visible{load})\n"
-        f"detector {det.arch or 'detector'}@{det.img_size} x{max(len(det.onnx), len(det.checkpoints))}"
-        f"{' +flip' if (det.tta_flip if args.tta_flip is None else args.tta_flip) else ''}; classifiers {members}"
+        f"pipeline bench: {len(paths)} images of {data}, {mode}, batch {batch}, {threads} thread(s), "
+        f"device {device}, {platform.processor() or platform.machine()} ({os.cpu_count()} CPUs visible{load})\n"
+        f"detector {det_spec.arch or 'detector'}@{det_spec.img_size} x{passes}"
+        f"{' +flip' if flip else ''}; classifiers {members}"
     )
-    print(format_table(results, header))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"header": header, "mode": mode, "results": [r.as_dict() for r in results]}
-        args.json.write_text(json.dumps(payload, indent=1, default=str) + "\n")
-    return 0
+    return PipelineBench(header, mode, results)
