@@ -47,21 +47,38 @@ class Prediction:
         return self.result.rows(self.mode)
 
 
-def folder_inputs(data: Path) -> tuple[Path, pd.DataFrame | None, list[str]]:
+def folder_inputs(data: Path, check_images: bool = True) -> tuple[Path, pd.DataFrame | None, list[str]]:
     """(image folder, ``test.csv`` table or None, image names in order) of a data folder: ``data/images`` when it
-    exists (else ``data``), the names of ``test.csv`` when it is there, else every image file."""
+    exists (else ``data``), the names of ``test.csv`` when it is there, else every image file. ``check_images``:
+    ``test.csv`` 's images must exist and have a readable header (a strict prediction's first check: every bad file
+    named at once); off, a missing image is found when it is decoded (and predicted with the fallback rule)."""
     from cytologia.data.io import read_test
 
     images = data / "images" if (data / "images").is_dir() else data
     if not images.is_dir():
         raise CytologiaInputError(f"{data}: no such folder")
     if (data / "test.csv").is_file():
-        test = read_test(data / "test.csv", images)
+        test = read_test(data / "test.csv", images, check_images=check_images)
         return images, test, list(pd.unique(test["NAME"]))
     names = sorted(p.name for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not names:
         raise CytologiaInputError(f"{data}: no test.csv and no image files")
     return images, None, names
+
+
+def prior_class(data: Path) -> str:
+    """The fallback rule's class for a data folder: the most frequent valid class of ``data/train.csv`` when it is
+    there (ties: the first in class order), else :data:`~cytologia.runtime.inference.FALLBACK_CLASS` (the real
+    train set's)."""
+    from cytologia.data.io import read_raw_csv
+    from cytologia.data.schema import CLASSES
+    from cytologia.runtime.inference import FALLBACK_CLASS
+
+    if not (data / "train.csv").is_file():
+        return FALLBACK_CLASS
+    classes = read_raw_csv(data / "train.csv", ("class",))["class"]
+    counts = classes[classes.isin(CLASSES)].value_counts().reindex(list(CLASSES), fill_value=0)
+    return str(counts.idxmax()) if counts.max() > 0 else FALLBACK_CLASS
 
 
 def predict_folder(
@@ -79,6 +96,9 @@ def predict_folder(
     int8: str = "off",
     boxes_out: str | Path | None = None,
     report: str | Path | None = None,
+    strict: bool = False,
+    fallback_class: str | None = None,
+    progress: bool | None = False,
 ) -> Prediction:
     """Predict every image of the folder ``data`` with ``ensemble`` (an :class:`~cytologia.ensemble.Ensemble` or
     the file :func:`~cytologia.ensemble.read_ensemble` reads) in ``mode`` (``known-count``, which needs
@@ -88,7 +108,13 @@ def predict_folder(
     per-image output of the mode's rule as ``boxes_out.csv`` and ``boxes_out.json``; ``report``, what ran and how
     long it took (JSON). ``runtime`` (``onnx`` | ``torch``), ``device``, ``tta_flip`` (None: as the ensemble file
     says), ``batch_size`` (images per batch), ``threads`` (per session), ``workers`` (decoding threads) and ``int8``
-    (``off`` | ``on`` | ``measure``) are :class:`~cytologia.runtime.inference.Pipeline`'s."""
+    (``off`` | ``on`` | ``measure``) are :class:`~cytologia.runtime.inference.Pipeline`'s.
+
+    An image that cannot be decoded is predicted with the fallback rule (``fallback_class``, default
+    :func:`prior_class`; padded boxes: :meth:`~cytologia.runtime.inference.Pipeline.predict`), counted in the
+    printed lines and listed in ``<out>_image_problems.csv``, the report and the per-image output; ``strict``: the
+    first such image stops the prediction with an error naming it (and test.csv's missing or unreadable images are
+    all named before any model is loaded). ``progress``: a progress bar (None: on a terminal only)."""
     from cytologia.data.io import write_submission
     from cytologia.ensemble import read_ensemble
     from cytologia.runtime.inference import Pipeline, submission_table, write_per_image
@@ -96,7 +122,8 @@ def predict_folder(
     if mode not in MODES:
         raise CytologiaInputError(f"mode {mode!r} is not one of {', '.join(MODES)}")
     data = Path(data)
-    images, test, names = folder_inputs(data)
+    images, test, names = folder_inputs(data, check_images=strict)
+    fallback = prior_class(data) if fallback_class is None else fallback_class
     if mode == "known-count" and test is None:
         raise CytologiaInputError(f"{data / 'test.csv'}: known-count mode needs it (or use --mode open-world)")
     ens = read_ensemble(ensemble) if isinstance(ensemble, (str, Path)) else ensemble
@@ -116,9 +143,20 @@ def predict_folder(
         for d in pipe.calibrate_int8(paths[: min(8, len(paths))]):
             lines.append(f"int8 {d['model']}: {'kept' if d['accepted'] else 'not used'} -- {d['reason']}")
     counts = test.groupby("NAME").size() if test is not None else None
-    result = pipe.predict(paths, names, counts=counts, mode=mode)
+    result = pipe.predict(
+        paths, names, counts=counts, mode=mode, strict=strict, fallback_class=fallback, progress=progress
+    )
     ms = 1000.0 * result.wall_seconds / max(len(names), 1)
-    lines.append(f"{len(names)} images in {result.wall_seconds:.1f} s ({ms:.1f} ms/image, {runtime}, {mode})")
+    rate = len(names) / max(result.wall_seconds, 1e-9)
+    lines.append(
+        f"{len(names)} images in {result.wall_seconds:.1f} s ({ms:.1f} ms/image, {rate:.1f} images/s, {runtime}, "
+        f"{mode})"
+    )
+    problems_path = None
+    if result.problems:
+        problems_path = _problems_path(out, boxes_out, report, data)
+        write_problems(result, problems_path)
+        lines.append(problem_summary(result, fallback, problems_path))
     table = None
     if test is not None:
         table = submission_table(result.rows("known-count"), test)
@@ -131,11 +169,51 @@ def predict_folder(
     if boxes_out is not None:
         rows = result.rows(mode)
         csv_path, json_path = Path(boxes_out).with_suffix(".csv"), Path(boxes_out).with_suffix(".json")
-        write_per_image(rows, result.sizes, csv_path, json_path)
-        lines.append(f"wrote {csv_path} and {json_path}: {len(rows)} boxes over {len(result.sizes)} images")
+        write_per_image(rows, result.sizes, csv_path, json_path, problems=result.problems, names=result.names)
+        lines.append(f"wrote {csv_path} and {json_path}: {len(rows)} boxes over {len(result.names)} images")
     if report is not None:
         report = Path(report)
         report.parent.mkdir(parents=True, exist_ok=True)
-        info = {**result.info, "n_images": len(names), "wall_seconds": result.wall_seconds, "mode": mode}
+        info = {
+            **result.info,
+            "n_images": len(names),
+            "wall_seconds": result.wall_seconds,
+            "images_per_second": rate,
+            "mode": mode,
+            "fallback_class": fallback,
+            "n_fallback_images": len(result.problems),
+            "image_problems": [p.as_dict() for p in result.problems.values()],
+        }
         report.write_text(json.dumps(info, indent=1, default=str) + "\n")
     return Prediction(result, mode, table, lines)
+
+
+PROBLEMS_SUFFIX = "_image_problems.csv"  # the list of fallback images, next to the submission
+
+
+def _problems_path(out: str | Path | None, boxes_out: str | Path | None, report: str | Path | None, data: Path) -> Path:
+    """Where the list of fallback images goes: next to the first of the submission, the per-image output and the
+    report that is written (``<stem>_image_problems.csv``), else in the data folder's parent."""
+    for target in (out, boxes_out, report):
+        if target is not None:
+            target = Path(target)
+            return target.with_name(target.stem + PROBLEMS_SUFFIX)
+    return data.parent / ("predictions" + PROBLEMS_SUFFIX)
+
+
+def write_problems(result: PipelineResult, path: Path) -> Path:
+    """The images predicted with the fallback rule as a CSV: NAME, status (missing | unreadable), message, action."""
+    from cytologia.data.io import write_csv
+
+    rows = [p.as_dict() for p in result.problems.values()]
+    return write_csv(pd.DataFrame(rows, columns=["NAME", "status", "message", "action"]), path)
+
+
+def problem_summary(result: PipelineResult, fallback: str, path: Path) -> str:
+    """The printed line that counts the images predicted with the fallback rule."""
+    statuses = pd.Series([p.status for p in result.problems.values()]).value_counts()
+    parts = ", ".join(f"{n} {s}" for s, n in statuses.items())
+    return (
+        f"{len(result.problems)} of {len(result.names)} image(s) could not be decoded ({parts}): predicted with the "
+        f"fallback rule (class {fallback}, padded boxes); listed in {path}"
+    )

@@ -37,3 +37,16 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
     ens.detector.open_world_score = 0.005
     write_ensemble(ens, path)
     return Tiny(base / "data", base / "models", path)
+
+
+@pytest.fixture(scope="session")
+def yolox_tiny(tmp_path_factory: pytest.TempPathFactory) -> Tiny:
+    """The smallest ensemble that runs every stage without the ultralytics extra: a random YOLOX-nano detector at
+    64 px and one resnet10t classifier at 32 px (one fold, no TTA), ONNX files included; 12 generated images."""
+    from cytologia.data.synthetic.generate import SynthConfig, generate
+    from cytologia.runtime.bench import build_random_ensemble
+
+    base = tmp_path_factory.mktemp("runtime_yolox")
+    generate(base / "data", 12, seed=0, config=SynthConfig(size=160, test_fraction=0.9))
+    path = build_random_ensemble(base / "models", detector="yolox_nano", det_size=64, classifiers=[("resnet10t", 32)])
+    return Tiny(base / "data", base / "models", path)

@@ -7,6 +7,8 @@ many boxes per image as ``test.csv`` lists and writes a submission that is valid
 cost the macro-F1 a factor 23/24). Open-world mode thresholds the detections instead and writes the per-image output
 (``--boxes-out``: a CSV and a JSON with boxes, class and probabilities); with a ``test.csv`` it writes the known-count
 submission too. Without ``test.csv`` (open-world only) every image in ``DIR/images`` (or ``DIR``) is predicted.
+An image that cannot be decoded is predicted with the fallback rule and listed (``--strict``: an error instead);
+see ``docs/prediction.md``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cytologia.data.schema import CLASSES
 from cytologia.errors import CytologiaInputError
 
 
@@ -42,6 +45,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "predictions in DIR's parent when there is no --out)",
     )
     parser.add_argument("--report", type=Path, default=None, help="write what ran and how long it took as JSON")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop with an error at a missing or undecodable image (default: predict it with the fallback rule -- "
+        "prior class, padded boxes -- count it and list it in <out>_image_problems.csv)",
+    )
+    parser.add_argument(
+        "--fallback-class",
+        choices=CLASSES,
+        default=None,
+        metavar="CLASS",
+        help="class of the fallback rule (default: the most frequent class of DIR/train.csv, else of the real "
+        "train set)",
+    )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on the standard error (default: when it is a terminal)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -68,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
         int8=args.int8,
         boxes_out=boxes_out,
         report=args.report,
+        strict=args.strict,
+        fallback_class=args.fallback_class,
+        progress=args.progress,
     )
     print("\n".join(prediction.lines))
     return 0

@@ -460,10 +460,16 @@ def _check_ids(raw: pd.DataFrame, problems: _Problems) -> tuple[np.ndarray, np.n
 
 
 def validate_test(
-    raw: pd.DataFrame, source: str | Path = "<test>", image_dir: str | Path | None = None, workers: int | None = None
+    raw: pd.DataFrame,
+    source: str | Path = "<test>",
+    image_dir: str | Path | None = None,
+    workers: int | None = None,
+    *,
+    check_images: bool = True,
 ) -> tuple[pd.DataFrame, ValidationReport]:
     """Validate a ``trustii_id,NAME`` table (always strict: a test list cannot be repaired) into
-    ``trustii_id`` (int64), ``NAME``; with the report."""
+    ``trustii_id`` (int64), ``NAME``; with the report. ``check_images=False``: no image check and no warning about
+    it (the caller checks each image itself, e.g. a prediction that predicts unreadable images with a fallback)."""
     start = time.perf_counter()
     _require_columns(raw, TEST_COLUMNS, source)
     report = ValidationReport(str(source), "test", "strict", len(raw), 0, 0, False)
@@ -471,7 +477,7 @@ def validate_test(
     ids, _ = _check_ids(raw, problems)
     names, missing = _text(raw["NAME"])
     good_name = _check_names(names, missing, problems)
-    folder = _usable_image_dir(image_dir, report.warnings)
+    folder = _usable_image_dir(image_dir, report.warnings) if check_images else None
     if folder is not None:
         report.images_checked, report.image_dir = True, str(folder)
         _check_images(folder, names, good_name, problems, workers)
@@ -482,10 +488,13 @@ def validate_test(
     return out, report
 
 
-def read_test(path: str | Path, image_dir: str | Path | None = None, workers: int | None = None) -> pd.DataFrame:
+def read_test(
+    path: str | Path, image_dir: str | Path | None = None, workers: int | None = None, *, check_images: bool = True
+) -> pd.DataFrame:
     """Read and validate ``test.csv`` (``trustii_id,NAME``): ids integer and unique, names safe, images present when
-    ``image_dir`` is given. Returns ``trustii_id`` (int64), ``NAME``."""
-    return validate_test(read_raw_csv(path, TEST_COLUMNS), path, image_dir, workers)[0]
+    ``image_dir`` is given (and ``check_images``, see :func:`validate_test`). Returns ``trustii_id`` (int64),
+    ``NAME``."""
+    return validate_test(read_raw_csv(path, TEST_COLUMNS), path, image_dir, workers, check_images=check_images)[0]
 
 
 # --------------------------------------------------------------------------------------------------- submission

@@ -63,6 +63,13 @@ OUTPUT_COLUMNS: tuple[str, ...] = (
     *PROB_COLUMNS,
 )
 DEFAULT_CLASSIFY_BATCH = 64  # crops per classifier call: bounds memory on many-cell batches
+# The fallback rule's class when the caller names none: the most frequent class of the real train.csv (PNN: 6,827 of
+# 52,748 boxes, data/synthetic/real_stats.json class_counts; a test checks it stays the arg-max there).
+FALLBACK_CLASS = "PNN"
+FALLBACK_PREFIX = "fallback:"  # ``source`` of a fallback box: fallback:<pad candidate> (prior, full, ...)
+# Frame of the fallback boxes of an image whose header cannot be read either: a 368 px square (MISSION.md: images are
+# mostly about 360 x 368 px; real_stats.json reference_px).
+FALLBACK_FRAME = (368, 368)
 Network = Callable[[np.ndarray], Any]  # float32 NCHW batch -> raw output (numpy, or a torch tensor for the detector)
 
 
@@ -134,16 +141,35 @@ class BatchTiming:
     seconds: dict[str, float]
 
 
+@dataclass(frozen=True)
+class ImageProblem:
+    """An image the pipeline could not decode, predicted with the fallback rule instead: ``status`` is ``missing``
+    (no such file) or ``unreadable``; ``message`` names the file; ``width``/``height`` come from its header when
+    that is readable (-1 otherwise: the fallback boxes are then in a :data:`FALLBACK_FRAME` frame)."""
+
+    NAME: str
+    status: str
+    message: str
+    width: int = -1
+    height: int = -1
+
+    def as_dict(self) -> dict[str, object]:
+        return {"NAME": self.NAME, "status": self.status, "message": self.message, "action": "fallback"}
+
+
 @dataclass
 class PipelineResult:
-    """Classified boxes (:data:`OUTPUT_COLUMNS`, image order as given, then decreasing score), image sizes, the
-    timing of every batch, the wall time, and what ran (providers, precision, int8 decisions)."""
+    """Classified boxes (:data:`OUTPUT_COLUMNS`, image order as given, then decreasing score), image sizes (decoded,
+    or read from the header of an image that did not decode), the timing of every batch, the wall time, what ran
+    (providers, precision, int8 decisions), and the images predicted with the fallback rule (NAME -> problem)."""
 
     boxes: pd.DataFrame
     sizes: dict[str, tuple[int, int]]
     timings: list[BatchTiming]
     wall_seconds: float
     info: dict[str, Any] = field(default_factory=dict)
+    problems: dict[str, ImageProblem] = field(default_factory=dict)
+    names: list[str] = field(default_factory=list)  # the images in the order they were given
 
     def rows(self, mode: str) -> pd.DataFrame:
         """The boxes of one rule: ``known-count`` or ``open-world``."""
@@ -165,6 +191,30 @@ class _Boxes:
     @classmethod
     def empty(cls) -> _Boxes:
         return cls(np.zeros(0, np.int64), np.zeros((0, 4)), np.zeros(0), [], np.zeros(0, bool), np.zeros(0, bool))
+
+    def take(self, order: np.ndarray) -> _Boxes:
+        return _Boxes(
+            self.image[order],
+            self.xyxy[order],
+            self.score[order],
+            [self.source[int(i)] for i in order],
+            self.known_count[order],
+            self.open_world[order],
+        )
+
+    @classmethod
+    def concat(cls, parts: list[_Boxes]) -> _Boxes:
+        """The boxes of ``parts`` (their ``image`` indices in one batch), ordered by image, stably: each image's
+        rows keep their order (decreasing score)."""
+        both = cls(
+            np.concatenate([p.image for p in parts]).astype(np.int64),
+            np.concatenate([p.xyxy for p in parts]).reshape(-1, 4),
+            np.concatenate([p.score for p in parts]),
+            [s for p in parts for s in p.source],
+            np.concatenate([p.known_count for p in parts]).astype(bool),
+            np.concatenate([p.open_world for p in parts]).astype(bool),
+        )
+        return both.take(np.argsort(both.image, kind="stable"))
 
 
 def _output_table(names: list[str], outputs: list[tuple[list[int], _Boxes, np.ndarray]]) -> pd.DataFrame:
@@ -551,15 +601,30 @@ class Pipeline:
         mode: str = "known-count",
         *,
         prefetch: bool = True,
+        strict: bool = False,
+        fallback_class: str = FALLBACK_CLASS,
+        progress: bool | None = False,
     ) -> PipelineResult:
         """Run the pipeline over ``paths`` (image files; ``names`` default to the file names).
 
         ``counts`` (NAME -> number of cells, e.g. from ``test.csv``) is required in known-count mode; in open-world
         mode, when given, the known-count boxes are computed too (a submission needs them), classified once with the
         open-world boxes they share.
+
+        An image that cannot be decoded (missing, empty, not an image, a header libjpeg cannot parse) is predicted
+        with the fallback rule: its known-count boxes are the pads of an image without detection
+        (:func:`known_count_boxes`: the prior box, the full image, ...) in the frame its header gives, with
+        ``fallback_class`` (probability 1), ``source`` ``fallback:<pad>``; it is listed in
+        :attr:`PipelineResult.problems` and logged. ``strict``: raise :class:`CytologiaInputError` naming the file
+        instead. ``progress``: a progress bar on the standard error (:func:`cytologia.console.progress_bar`; None:
+        only when it is a terminal).
         """
+        from cytologia.console import progress_bar
+
         if mode not in MODES:
             raise CytologiaInputError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+        if fallback_class not in CLASSES:
+            raise CytologiaInputError(f"fallback class {fallback_class!r} is not one of {', '.join(CLASSES)}")
         paths = [Path(p) for p in paths]
         names = [p.name for p in paths] if names is None else [str(n) for n in names]
         if len(names) != len(paths):
@@ -578,29 +643,62 @@ class Pipeline:
         timings: list[BatchTiming] = []
         outputs: list[tuple[list[int], _Boxes, np.ndarray]] = []
         sizes: dict[str, tuple[int, int]] = {}
+        problems: dict[str, ImageProblem] = {}
         workers = self.workers or min(8, max(1, len(batches[0]) if batches else 1))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        bar = progress_bar(len(paths), "predict", unit="img", enable=progress)
+        with ThreadPoolExecutor(max_workers=workers) as pool, bar:
 
             def submit(b: list[int]) -> list[Future]:
-                return [pool.submit(_decode, paths[i]) for i in b]
+                return [pool.submit(_try_decode, paths[i]) for i in b]
 
             pending = submit(batches[0]) if batches else []
             for bi, batch in enumerate(batches):
                 sec: dict[str, float] = {}
                 t0 = time.perf_counter()
                 futures = pending if pending else submit(batch)
-                images = [f.result() for f in futures]
+                decoded = [f.result() for f in futures]
                 sec["decode"] = time.perf_counter() - t0
                 pending = submit(batches[bi + 1]) if prefetch and bi + 1 < len(batches) else []
                 batch_names = [names[i] for i in batch]
-                for n, im in zip(batch_names, images):
-                    sizes[n] = (int(im.shape[1]), int(im.shape[0]))
-                boxes, probs, stage_sec = self._run_batch(images, batch_names, count_of, mode)
-                sec.update(stage_sec)
-                timings.append(BatchTiming(len(batch), len(boxes.score), sec))
+                good = [k for k, (im, _) in enumerate(decoded) if im is not None]
+                for k, (im, err) in enumerate(decoded):
+                    if im is not None:
+                        sizes[batch_names[k]] = (int(im.shape[1]), int(im.shape[0]))
+                        continue
+                    if strict:
+                        raise CytologiaInputError(
+                            f"{err} (strict: stopped; without --strict the image would be "
+                            "predicted with the fallback rule)"
+                        )
+                    problem = _problem(batch_names[k], paths[batch[k]], err)
+                    problems[problem.NAME] = problem
+                    if problem.width > 0:
+                        sizes[problem.NAME] = (problem.width, problem.height)
+                    log.warning("%s; predicted with the fallback rule", err)
+                parts: list[_Boxes] = []
+                prob_parts: list[np.ndarray] = []
+                n_boxes = 0
+                if good:
+                    images = [decoded[k][0] for k in good]
+                    boxes, probs, stage_sec = self._run_batch(images, [batch_names[k] for k in good], count_of, mode)
+                    sec.update(stage_sec)
+                    boxes.image = np.asarray(good, np.int64)[boxes.image]
+                    parts.append(boxes)
+                    prob_parts.append(probs)
+                if len(good) < len(batch):
+                    bad = [k for k in range(len(batch)) if decoded[k][0] is None]
+                    fb = _fallback_boxes(bad, [problems[batch_names[k]] for k in bad], count_of)
+                    parts.append(fb)
+                    prob_parts.append(_one_hot(fallback_class, len(fb.score)))
+                boxes = _Boxes.concat(parts)
+                probs = np.concatenate(prob_parts)[np.argsort(np.concatenate([p.image for p in parts]), kind="stable")]
+                n_boxes = len(boxes.score)
+                timings.append(BatchTiming(len(batch), n_boxes, sec))
                 outputs.append((batch, boxes, probs))
+                bar.update(len(batch))
         table = _output_table(names, outputs)
-        return PipelineResult(table, sizes, timings, time.perf_counter() - start_all, self.describe())
+        wall = time.perf_counter() - start_all
+        return PipelineResult(table, sizes, timings, wall, self.describe(), problems, list(names))
 
     def _run_batch(
         self, images: list[np.ndarray], names: list[str], counts: dict[str, int] | None, mode: str
@@ -683,6 +781,60 @@ def _decode(path: Path) -> np.ndarray:
     return decode(path)
 
 
+def _try_decode(path: Path) -> tuple[np.ndarray | None, str]:
+    """(BGR image, "") or (None, why it cannot be decoded, naming the file)."""
+    import cv2
+
+    try:
+        return _decode(path), ""
+    except CytologiaInputError as err:
+        return None, str(err)
+    except (cv2.error, OSError, ValueError, MemoryError) as err:  # OpenCV's own limits (pixels, memory), I/O errors
+        return None, f"{path}: cannot decode image ({type(err).__name__}: {err})"
+
+
+def _problem(name: str, path: Path, message: str) -> ImageProblem:
+    """What went wrong with an image that did not decode, with its header size when the header is readable."""
+    from cytologia.data.images import image_size
+
+    if not path.is_file():
+        return ImageProblem(name, "missing", message)
+    try:
+        w, h = image_size(path)
+    except CytologiaInputError:
+        return ImageProblem(name, "unreadable", message)
+    return ImageProblem(name, "unreadable", message, w, h)
+
+
+def _fallback_boxes(index: list[int], problems: list[ImageProblem], counts: Mapping[str, int] | None) -> _Boxes:
+    """Known-count boxes of images that did not decode: the pads of an image without detection, in the frame of
+    the image's header (:data:`FALLBACK_FRAME` when unknown); none without a cell count (open-world only)."""
+    parts = []
+    for i, problem in zip(index, problems):
+        if counts is None:
+            continue
+        w, h = (problem.width, problem.height) if problem.width > 0 else FALLBACK_FRAME
+        xyxy, score, source = known_count_boxes(np.zeros((0, 5)), int(counts[problem.NAME]), w, h)
+        n = len(score)
+        parts.append(
+            _Boxes(
+                np.full(n, i, np.int64),
+                xyxy,
+                score,
+                [FALLBACK_PREFIX + s.split(":", 1)[-1] for s in source],
+                np.ones(n, bool),
+                np.zeros(n, bool),
+            )
+        )
+    return _Boxes.concat(parts) if parts else _Boxes.empty()
+
+
+def _one_hot(cls: str, n: int) -> np.ndarray:
+    probs = np.zeros((n, N_CLASSES), np.float64)
+    probs[:, CLASSES.index(cls)] = 1.0
+    return probs
+
+
 def _with_area(d: np.ndarray) -> np.ndarray:
     """Rows of an (k, 5) box array with a positive width and height (a box clipped to the border can lose both)."""
     d = np.asarray(d, dtype=np.float64).reshape(-1, 5)
@@ -749,10 +901,21 @@ def submission_table(boxes: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
     return merged[["trustii_id", "NAME", *BOX_COLUMNS, "class"]].reset_index(drop=True)
 
 
-def write_per_image(boxes: pd.DataFrame, sizes: dict[str, tuple[int, int]], csv_path: Path, json_path: Path) -> None:
+def write_per_image(
+    boxes: pd.DataFrame,
+    sizes: dict[str, tuple[int, int]],
+    csv_path: Path,
+    json_path: Path,
+    *,
+    problems: Mapping[str, ImageProblem] | None = None,
+    names: Sequence[str] | None = None,
+) -> None:
     """The per-image output: a CSV (one row per box: NAME, box, score, class, probabilities) and a JSON
-    (``{"classes": [...], "images": [{"NAME", "width", "height", "boxes": [{"box", "score", "class",
-    "probabilities"}]}]}``; images without a box are listed with an empty list)."""
+    (``{"classes": [...], "images": [{"NAME", "width", "height", "status", "boxes": [{"box", "score", "class",
+    "probabilities"}]}]}``; images without a box are listed with an empty list). ``status`` is ``ok``, or for an image
+    of ``problems`` (predicted with the fallback rule) ``fallback`` with its ``message``; its width and height are
+    null when even its header is unreadable. ``names``: the images in order (default: those of ``sizes``, then of
+    ``problems``)."""
     import json
     import os
 
@@ -762,8 +925,11 @@ def write_per_image(boxes: pd.DataFrame, sizes: dict[str, tuple[int, int]], csv_
     boxes[cols].to_csv(tmp, index=False, float_format="%.6g")
     os.replace(tmp, csv_path)
     groups = {name: g for name, g in boxes.groupby("NAME", sort=False)}
+    problems = problems or {}
+    order = list(dict.fromkeys([*sizes, *problems])) if names is None else list(names)
     images = []
-    for name, (w, h) in sizes.items():
+    for name in order:
+        w, h = sizes.get(name, (None, None))
         g = groups.get(name)
         rows = []
         if g is not None:
@@ -778,7 +944,10 @@ def write_per_image(boxes: pd.DataFrame, sizes: dict[str, tuple[int, int]], csv_
                         "probabilities": {c: round(float(p), 6) for c, p in zip(CLASSES, probs[i])},
                     }
                 )
-        images.append({"NAME": name, "width": w, "height": h, "boxes": rows})
+        entry: dict[str, Any] = {"NAME": name, "width": w, "height": h, "status": "ok"}
+        if name in problems:
+            entry.update(status="fallback", message=problems[name].message)
+        images.append({**entry, "boxes": rows})
     tmp = json_path.with_name(f".{json_path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"classes": list(CLASSES), "images": images}, indent=1) + "\n")
     os.replace(tmp, json_path)
