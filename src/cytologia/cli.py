@@ -15,6 +15,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("cytologia.commands.validate", "validate train/test/submission tables (and images)"),
     "import": ("cytologia.commands.import_data", "import another leukocyte data set (folder, VOC, COCO, YOLO)"),
+    "combine": ("cytologia.commands.combine", "several data folders as one, the data set kept for folds/sampling"),
+    "evaluate": ("cytologia.commands.evaluate", "cross-data-set: train on one folder, F1 on another's shared classes"),
     "score": ("cytologia.commands.score", "challenge score of a submission against the truth"),
     "synth": ("cytologia.commands.synth", "generate a synthetic Cytologia data set"),
     "folds": ("cytologia.commands.folds", "source-aware, multilabel-stratified folds"),

@@ -320,7 +320,7 @@ def output_name(image: str, taken: set[str]) -> str:
     return name
 
 
-def _place(src: Path, dst: Path, link: bool) -> None:
+def place_image(src: Path, dst: Path, link: bool) -> None:
     if link:
         try:
             os.link(src, dst)
@@ -409,7 +409,7 @@ def import_dataset(fmt: str, src: str | Path, out: str | Path, options: ImportOp
     taken: set[str] = set()
     names = {i: output_name(i, taken) for i in pd.unique(valid["NAME"])}
     for image, name in names.items():
-        _place(root / image, out / "images" / name, options.link)
+        place_image(root / image, out / "images" / name, options.link)
     table = valid[["NAME", *BOX_COLUMNS, "class"]].copy()
     table["NAME"] = table["NAME"].map(names)
     write_csv(table, out / "train.csv")
