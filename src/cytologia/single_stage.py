@@ -124,7 +124,10 @@ def settings_from_config(
     ``auto`` resolved to; ``given`` sets further fields (e.g. ``workers``, ``seed``). A key of the group that is
     neither a setting nor in :data:`NOT_SETTINGS` is an error."""
     from cytologia.config import settings_from
+    from cytologia.weights_catalog import RANDOM
 
+    if "weights" not in given and record.get("weights") == RANDOM:  # random init asked for explicitly: no file
+        given["weights"] = None
     return settings_from(
         SingleStageSettings,
         record,
@@ -307,10 +310,11 @@ def train_single_stage(
         UltralyticsDetector,
         _amp_check_offline,
         _history,
+        epoch_timer,
         keep_torch_threads,
+        train_args,
         write_yolo_dataset,
     )
-    from cytologia.device import ultralytics_device
 
     start, cpu_start = time.perf_counter(), cpu_seconds()
     out_dir = Path(out_dir)
@@ -338,36 +342,11 @@ def train_single_stage(
     if settings.model not in detector.models():
         raise CytologiaInputError(f"unknown YOLO model {settings.model!r}; available: {', '.join(detector.models())}")
     yolo = detector._new_model()  # architecture yaml (+ checked local weights); the head is built for 23 classes
-    args: dict[str, Any] = {
-        "data": str(data_yaml),
-        "epochs": settings.epochs,
-        "imgsz": settings.img_size,
-        "batch": settings.batch_size,
-        "lr0": settings.lr,
-        "optimizer": settings.optimizer,
-        "patience": settings.patience,
-        "device": ultralytics_device(settings.device),
-        "workers": settings.workers,
-        "amp": settings.amp,
-        "seed": settings.seed,
-        "deterministic": True,
-        "iou": settings.nms_iou,
-        "conf": settings.conf,  # the validator's score floor: the checkpoint is selected as prediction will run
-        "single_cls": False,
-        "project": str(out_dir.resolve()),
-        "name": "ultralytics",
-        "exist_ok": True,
-        "plots": False,
-        "verbose": False,
-        "val": True,
-        **settings.extra,
-    }
+    # conf: the validator's score floor, so that the checkpoint is selected as prediction will run
+    args = train_args(settings, data_yaml, out_dir, single_cls=False, conf=settings.conf)
     if settings.time_min is not None:
         args["time"] = settings.time_min / 60.0  # ultralytics counts hours; it then overrides epochs
-    epoch_seconds: list[float] = []
-    clock: dict[str, float] = {}
-    yolo.add_callback("on_train_epoch_start", lambda _t: clock.__setitem__("start", time.perf_counter()))
-    yolo.add_callback("on_train_epoch_end", lambda _t: epoch_seconds.append(time.perf_counter() - clock["start"]))
+    epoch_seconds = epoch_timer(yolo)
     if settings.clock == "cpu" and settings.time_min is not None and int(args["workers"]) > 0:
         log.warning(
             "cpu clock with %s data-loading workers: their CPU time counts only when they exit (each "

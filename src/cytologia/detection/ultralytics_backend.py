@@ -387,6 +387,44 @@ class KnownCountTrainer(DetectionTrainer):
         )
 
 
+def train_args(settings: Any, data_yaml: Path, out_dir: Path, *, single_cls: bool, **more: Any) -> dict[str, Any]:
+    """ultralytics' ``train`` arguments from our settings (the detector's and the single-stage baseline's share
+    them): the run goes to ``out_dir/ultralytics``, without plots, validated each epoch; ``settings.extra`` last."""
+    return {
+        "data": str(data_yaml),
+        "epochs": settings.epochs,
+        "imgsz": settings.img_size,
+        "batch": settings.batch_size,
+        "lr0": settings.lr,
+        "optimizer": settings.optimizer,
+        "patience": settings.patience,
+        "device": ultralytics_device(settings.device),
+        "workers": settings.workers,
+        "amp": settings.amp,
+        "seed": settings.seed,
+        "deterministic": True,
+        "iou": settings.nms_iou,
+        "single_cls": single_cls,
+        **more,
+        "project": str(Path(out_dir).resolve()),
+        "name": "ultralytics",
+        "exist_ok": True,
+        "plots": False,
+        "verbose": False,
+        "val": True,
+        **settings.extra,
+    }
+
+
+def epoch_timer(yolo: Any) -> list[float]:
+    """A list that ``yolo``'s callbacks fill with the wall time of each epoch's training pass (validation excluded)."""
+    seconds: list[float] = []
+    clock: dict[str, float] = {}
+    yolo.add_callback("on_train_epoch_start", lambda _t: clock.__setitem__("start", time.perf_counter()))
+    yolo.add_callback("on_train_epoch_end", lambda _t: seconds.append(time.perf_counter() - clock["start"]))
+    return seconds
+
+
 def _history(results_csv: Path) -> list[dict[str, float]]:
     if not results_csv.is_file():
         return []
@@ -515,33 +553,8 @@ class UltralyticsDetector(Detector):
             raise CytologiaInputError(f"detector.train_args may not set {', '.join(owned)} (set by the stage)")
         data_yaml, counts = write_yolo_dataset(data)
         yolo = self._new_model()
-        args: dict[str, Any] = {
-            "data": str(data_yaml),
-            "epochs": settings.epochs,
-            "imgsz": settings.img_size,
-            "batch": settings.batch_size,
-            "lr0": settings.lr,
-            "optimizer": settings.optimizer,
-            "patience": settings.patience,
-            "device": ultralytics_device(settings.device),
-            "workers": settings.workers,
-            "amp": settings.amp,
-            "seed": settings.seed,
-            "deterministic": True,
-            "iou": settings.nms_iou,
-            "single_cls": True,
-            "project": str(out_dir.resolve()),
-            "name": "ultralytics",
-            "exist_ok": True,
-            "plots": False,
-            "verbose": False,
-            "val": True,
-            **settings.extra,
-        }
-        epoch_seconds: list[float] = []  # the training pass of each epoch, validation excluded
-        clock: dict[str, float] = {}
-        yolo.add_callback("on_train_epoch_start", lambda _t: clock.__setitem__("start", time.perf_counter()))
-        yolo.add_callback("on_train_epoch_end", lambda _t: epoch_seconds.append(time.perf_counter() - clock["start"]))
+        args = train_args(settings, data_yaml, out_dir, single_cls=True)
+        epoch_seconds = epoch_timer(yolo)  # the training pass of each epoch, validation excluded
         with _amp_check_offline(), keep_torch_threads(yolo, int(args["workers"])):
             yolo.train(trainer=KnownCountTrainer, **args)
         trainer = yolo.trainer
