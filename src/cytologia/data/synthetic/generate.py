@@ -12,6 +12,8 @@ Output folder::
     test_labels.csv    trustii_id,NAME,x1,y1,x2,y2,class clean truth for scoring, same row order as test.csv
     noise.csv          every injected defect (see :mod:`cytologia.data.synthetic.defects`)
     sources.csv        NAME,source                       acquisition source of every image (evaluation only)
+    smears.csv         NAME,smear,profile                the smear (patient) of every image, grouped from the images
+                                                         drawn (evaluation only; :mod:`.smears`)
     synth.json         seed, configuration, counts, generator version
 
 Determinism: a plan (splits, sources, classes, which defects go where, file names) is drawn in the calling process
@@ -58,6 +60,7 @@ from cytologia.data.synthetic.defects import (
     truncate_jpeg,
 )
 from cytologia.data.synthetic.render import encode_jpeg, render_scene
+from cytologia.data.synthetic.smears import ensure_smears
 from cytologia.data.synthetic.sources import SOURCES, source_weights
 from cytologia.data.synthetic.stats import (
     RealStats,
@@ -72,7 +75,15 @@ log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = "1.0"  # bump when the same (seed, config) gives different files
 SOURCES_COLUMNS: tuple[str, ...] = ("NAME", "source")
-OUTPUT_FILES: tuple[str, ...] = ("train.csv", "test.csv", "test_labels.csv", "noise.csv", "sources.csv", "synth.json")
+OUTPUT_FILES: tuple[str, ...] = (
+    "train.csv",
+    "test.csv",
+    "test_labels.csv",
+    "noise.csv",
+    "sources.csv",
+    "synth.json",
+    "smears.csv",
+)
 MIN_SIZE, MAX_SIZE = 64, 2048
 Box = tuple[int, int, int, int]
 
@@ -566,6 +577,7 @@ def generate(
         },
     }
     (out_dir / "synth.json").write_text(json.dumps(info, indent=1) + "\n")
+    ensure_smears(out_dir)  # drawn from the tables just written, on a stream of its own: they do not change
     seconds = time.perf_counter() - t0
     summary = SynthSummary(
         out_dir=out_dir,
