@@ -14,7 +14,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -99,6 +99,7 @@ def predict_folder(
     strict: bool = False,
     fallback_class: str | None = None,
     progress: bool | None = False,
+    shards: int = 1,
 ) -> Prediction:
     """Predict every image of the folder ``data`` with ``ensemble`` (an :class:`~cytologia.ensemble.Ensemble` or
     the file :func:`~cytologia.ensemble.read_ensemble` reads) in ``mode`` (``known-count``, which needs
@@ -114,10 +115,14 @@ def predict_folder(
     :func:`prior_class`; padded boxes: :meth:`~cytologia.runtime.inference.Pipeline.predict`), counted in the
     printed lines and listed in ``<out>_image_problems.csv``, the report and the per-image output; ``strict``: the
     first such image stops the prediction with an error naming it (and test.csv's missing or unreadable images are
-    all named before any model is loaded). ``progress``: a progress bar (None: on a terminal only)."""
+    all named before any model is loaded). ``progress``: a progress bar (None: on a terminal only).
+
+    ``shards`` > 1 predicts in that many local processes, or under ``torchrun`` (``WORLD_SIZE`` > 1) each rank
+    predicts its slice: :mod:`cytologia.runtime.shards`; the outputs are written once (by rank 0), the same bytes as
+    one process."""
     from cytologia.data.io import write_submission
     from cytologia.ensemble import read_ensemble
-    from cytologia.runtime.inference import Pipeline, submission_table, write_per_image
+    from cytologia.runtime.inference import submission_table, write_per_image
 
     if mode not in MODES:
         raise CytologiaInputError(f"mode {mode!r} is not one of {', '.join(MODES)}")
@@ -127,25 +132,34 @@ def predict_folder(
     if mode == "known-count" and test is None:
         raise CytologiaInputError(f"{data / 'test.csv'}: known-count mode needs it (or use --mode open-world)")
     ens = read_ensemble(ensemble) if isinstance(ensemble, (str, Path)) else ensemble
-    pipe = Pipeline(
+    job = _Job(
         ens,
-        runtime=runtime,
-        device=device,
-        threads=threads,
-        tta_flip=tta_flip,
-        int8=int8,
-        batch_size=batch_size,
-        workers=workers,
+        dict(
+            runtime=runtime,
+            device=device,
+            threads=threads,
+            tta_flip=tta_flip,
+            int8=int8,
+            batch_size=batch_size,
+            workers=workers,
+        ),
+        [images / n for n in names],
+        names,
+        test.groupby("NAME").size() if test is not None else None,
+        dict(mode=mode, strict=strict, fallback_class=fallback, progress=progress),
     )
-    paths = [images / n for n in names]
-    lines: list[str] = []
-    if int8 == "measure":
-        for d in pipe.calibrate_int8(paths[: min(8, len(paths))]):
-            lines.append(f"int8 {d['model']}: {'kept' if d['accepted'] else 'not used'} -- {d['reason']}")
-    counts = test.groupby("NAME").size() if test is not None else None
-    result = pipe.predict(
-        paths, names, counts=counts, mode=mode, strict=strict, fallback_class=fallback, progress=progress
-    )
+    rank, world = distributed_rank()
+    if world > 1 or shards > 1:
+        from cytologia.runtime.shards import predict_sharded
+
+        if int8 == "measure":
+            raise CytologiaInputError("--int8 measure decides per process: with shards use --int8 on or off")
+        result = predict_sharded(job, shards, rank, world)
+        if result is None:  # a torchrun rank other than 0: its slice went to rank 0, which writes the outputs
+            return Prediction(job.empty_result(), mode, None, [f"rank {rank}/{world}: slice sent to rank 0"])
+        lines: list[str] = [f"{result.info['shards']} shards ({result.info['shard_mode']}), gathered in one table"]
+    else:
+        result, lines = job.run()
     ms = 1000.0 * result.wall_seconds / max(len(names), 1)
     rate = len(names) / max(result.wall_seconds, 1e-9)
     lines.append(
@@ -186,6 +200,46 @@ def predict_folder(
         }
         report.write_text(json.dumps(info, indent=1, default=str) + "\n")
     return Prediction(result, mode, table, lines)
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) of a process started by ``torchrun`` (its ``RANK`` and ``WORLD_SIZE``), else (0, 1)."""
+    import os
+
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise CytologiaInputError("RANK / WORLD_SIZE must be integers (as torchrun sets them)") from None
+
+
+@dataclass
+class _Job:
+    """One prediction, picklable: what a shard process needs to build the pipeline and predict its slice."""
+
+    ensemble: Ensemble
+    pipeline: dict[str, Any]  # Pipeline keyword arguments
+    paths: list[Path]
+    names: list[str]
+    counts: pd.Series | None
+    predict: dict[str, Any]  # Pipeline.predict keyword arguments
+
+    def run(self, part: slice = slice(None), progress: bool | None = None) -> tuple[PipelineResult, list[str]]:
+        """Build the pipeline and predict the images of ``part``; returns the result and the int8 lines."""
+        from cytologia.runtime.inference import Pipeline
+
+        pipe = Pipeline(self.ensemble, **self.pipeline)
+        lines = []
+        paths, names = self.paths[part], self.names[part]
+        if self.pipeline.get("int8") == "measure":
+            for d in pipe.calibrate_int8(paths[: min(8, len(paths))]):
+                lines.append(f"int8 {d['model']}: {'kept' if d['accepted'] else 'not used'} -- {d['reason']}")
+        kwargs = dict(self.predict) if progress is None else {**self.predict, "progress": progress}
+        return pipe.predict(paths, names, counts=self.counts, **kwargs), lines
+
+    def empty_result(self) -> PipelineResult:
+        from cytologia.runtime.inference import OUTPUT_COLUMNS, PipelineResult
+
+        return PipelineResult(pd.DataFrame(columns=list(OUTPUT_COLUMNS)), {}, [], 0.0)
 
 
 PROBLEMS_SUFFIX = "_image_problems.csv"  # the list of fallback images, next to the submission

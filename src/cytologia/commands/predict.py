@@ -60,6 +60,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "train set)",
     )
     parser.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        help="predict in N local processes, gathered into one submission (under torchrun each rank is a shard)",
+    )
+    parser.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -72,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch < 1:
         raise CytologiaInputError(f"--batch {args.batch} must be >= 1")
+    if args.shards < 1:
+        raise CytologiaInputError(f"--shards {args.shards} must be >= 1")
     if args.out is None and (args.data / "test.csv").is_file():
         raise CytologiaInputError("--out is required when the data folder has a test.csv (the submission to write)")
     boxes_out = args.boxes_out
@@ -94,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         strict=args.strict,
         fallback_class=args.fallback_class,
         progress=args.progress,
+        shards=args.shards,
     )
     print("\n".join(prediction.lines))
     return 0
