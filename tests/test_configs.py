@@ -90,10 +90,24 @@ def test_every_valid_stage_has_a_function() -> None:
 
 
 def test_train_py_entry_point(tmp_path: Path) -> None:
-    # vitl224 reads the real data folder (data/cytologia), absent here: the run records its config, then stops with a
-    # clear error naming the missing file -- no traceback, non-zero exit.
+    # vitl224 starts from pretrained weights, absent from this run's models folder: the run records its config, then
+    # stops with the command that gets them -- no traceback, non-zero exit, before any data work.
+    models = f"paths.models_dir={tmp_path / 'models'}"
+    base = [sys.executable, str(ROOT / "train.py"), "+exp=vitl224", models, "fold=0"]
     out = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "+exp=vitl224", f"paths.output_dir={tmp_path}", "fold=0"],
+        [*base, f"paths.output_dir={tmp_path / 'no_weights'}"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert out.returncode == 1, out.stderr
+    assert "cytologia weights pull vit_large_patch16_224.augreg_in21k_ft_in1k" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    # random weights asked for explicitly: it goes on to the real data folder (data/cytologia), absent here, and
+    # stops with a clear error naming the missing file.
+    out = subprocess.run(
+        [*base, "classifier.weights=random", f"paths.output_dir={tmp_path}"],
         capture_output=True,
         text=True,
         cwd=tmp_path,

@@ -29,7 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from cytologia.errors import CytologiaInputError
 
 STAGES: tuple[str, ...] = ("detector", "classifier", "pipeline")
-FOLD_MODES: tuple[str, ...] = ("stratified", "group-source")
+FOLD_MODES: tuple[str, ...] = ("stratified", "group-source", "group-dataset")  # cytologia.data.folds.MODES
 LOSSES: tuple[str, ...] = ("cross_entropy", "focal", "bce", "focal_multilabel")
 # "auto": bf16 autocast where the GPU supports it, fp16 with loss scaling on other GPUs, fp32 on CPU.
 PRECISIONS: tuple[str, ...] = ("auto", "32", "32-true", "bf16-mixed", "16-mixed")
@@ -163,14 +163,23 @@ class SingleStageConfig:
     match_budget: bool
     batch_size: int
     train_args: dict  # extra ultralytics train arguments (nbs, warmup_epochs, ...)
+    weights: str | None  # initial weights: random | a catalog name (yolo11m) | a file in models/ (None: an error)
 
 
 @dataclass
 class PipelineConfig:
     """The whole-pipeline run (stage: pipeline, see cytologia.pipeline)."""
 
-    # Each entry overrides keys of the `classifier` group for one ensemble member (name and img_size at least).
+    # Each entry overrides keys of the `classifier` group for one ensemble member (name and img_size at least), plus
+    # optional `exp` (the member's name: run folder cls_<exp>, OOF model; default its `name`), `trainer` (a dict
+    # overriding keys of the `trainer` group for this member: lr, batch_size, max_epochs, ...) and `tta_flip`
+    # (ensemble.tta_flip for this member: whether it writes flip-TTA logits).
     classifiers: list[dict]
+    two_stage: bool  # false: no detector/classifiers -- the single-stage model is the run's submission (3rd place)
+    # Overrides of the `detector` group for a second detector trained on the cleaned boxes; its out-of-fold boxes
+    # (top-N per image, N = the image's box count) are what the crop classifiers train on (1st place's 640 px
+    # detector). None: the classifiers crop the (cleaned) ground-truth boxes.
+    crop_detector: dict | None
     clean: bool  # clean the training boxes with the detector's OOF boxes before training classifiers
     cleaning_config: str | None  # settings YAML for `cytologia clean` (None: its built-in defaults)
     clean_min_kept: float  # below this share of boxes kept, cleaning is not applied (the detector is too weak)

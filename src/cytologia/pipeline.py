@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 TIMES_FILE = "stage_times.json"  # wall seconds per step
 CPU_TIMES_FILE = "stage_cpu_seconds.json"  # process CPU seconds per step (what a busy machine does not change)
 SUMMARY_FILE = "pipeline_summary.json"  # scores, times and settings of the run, for scripts (scripts/check_demo.py)
+CROP_BOXES_FILE = "crop_boxes.csv"  # the crop detector's known-count OOF boxes, cropped by the classifiers
 
 
 def _print(lines: list[str]) -> None:
@@ -149,23 +150,46 @@ def _cleaned_or_original(root: Path, clean_dir: Path, out: Path, min_kept: float
     return out
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict[str, object]:
-    """Run every step of the pipeline into ``run_dir``; returns the scores and the time per step."""
+def member_configs(cfg: DictConfig, cls_root: Path, bg_table: Path, crop_boxes: Path | None) -> list[DictConfig]:
+    """The validated config of each ``pipeline.classifiers`` member: the run's config with the member's ``classifier``
+    keys (its ``trainer:`` dict, and ``tta_flip``: ``ensemble.tta_flip``, whether it writes flip-TTA logits) applied,
+    ``exp_name`` = its ``exp`` (default its ``name``), trained on
+    ``cls_root``; a ``background`` member gets ``bg_table``; with ``crop_boxes`` (the crop detector's boxes), cell
+    members that set no ``boxes`` of their own crop those. A misspelt key is an error naming it."""
+    from cytologia.config import check_config
+
+    out, seen = [], set()
+    for i, spec in enumerate(cfg.pipeline.classifiers):
+        entry = dict(OmegaConf.to_container(spec, resolve=True))
+        if "name" not in entry:
+            raise CytologiaInputError(f"config key pipeline.classifiers[{i}] has no name")
+        exp = str(entry.pop("exp", entry["name"]))
+        if exp in seen:
+            raise CytologiaInputError(f"pipeline.classifiers[{i}]: member name {exp!r} used twice (set `exp:`)")
+        seen.add(exp)
+        trainer = entry.pop("trainer", None) or {}
+        tta = entry.pop("tta_flip", None)
+        overrides = {f"classifier.{k}": v for k, v in entry.items()}
+        overrides.update({f"trainer.{k}": v for k, v in dict(trainer).items()})
+        if tta is not None:
+            overrides["ensemble.tta_flip"] = bool(tta)
+        if entry.get("background", False):
+            overrides["classifier.background_table"] = str(bg_table)
+        if crop_boxes is not None and not entry.get("multilabel", False) and entry.get("boxes") is None:
+            overrides["classifier.boxes"] = str(crop_boxes)
+        # exp_name names the member's OOF logits (the ensemble tells members apart by it)
+        sub = _with(cfg, **{"data.root": str(cls_root), "stage": "classifier", "fold": None, "exp_name": exp})
+        for key, value in overrides.items():
+            if OmegaConf.select(sub, key, default="<absent>") == "<absent>":
+                raise CytologiaInputError(f"config key pipeline.classifiers[{i}] ({exp}): unknown key {key}")
+            OmegaConf.update(sub, key, value, merge=True)
+        out.append(check_config(sub))
+    return out
+
+
+def _two_stage(cfg: DictConfig, run_dir: Path, root: Path, steps: Any, sub_path: Path) -> None:
+    """Steps detector -> clean -> (crop detector) -> background -> classifiers -> ensemble -> predict."""
     p = cfg.pipeline
-    if not p.classifiers:
-        raise CytologiaInputError("config key pipeline.classifiers is empty: the pipeline needs at least one")
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    steps = _QuietSteps(_Steps(run_dir, 8 + len(p.classifiers) + int(p.single_stage.enabled)), run_dir)
-    root = Path(cfg.data.root)
-    state: dict[str, object] = {}
-
-    def data() -> None:
-        ensure_data(cfg)
-        state["table"] = read_train(cfg, root)
-        ensure_folds(cfg, state["table"], root)
-
-    steps("data", None, data)
     det_dir = run_dir / "detector"
     steps("detector", det_dir / "oof_boxes.csv", lambda: _detector(cfg, det_dir))
     clean_dir = run_dir / "clean"
@@ -177,29 +201,58 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, object]:
     else:
         steps("clean", None, lambda: None)
         cls_root = root
+    crop_boxes = None
+    if p.crop_detector is not None:
+        crop_dir = run_dir / "crop_detector"
+        crop_boxes = crop_dir / CROP_BOXES_FILE
+        crop_cfg = _with(
+            cfg, **{f"detector.{k}": v for k, v in p.crop_detector.items()}, **{"data.root": str(cls_root)}
+        )
+        steps("crop detector", crop_boxes, lambda: _crop_detector(crop_cfg, cls_root, crop_dir))
     bg_dir = run_dir / "background"
     steps("background", bg_dir / "background.csv", lambda: _background(cfg, root, clean_dir, bg_dir))
 
     members = []
-    for spec in p.classifiers:
-        name = str(spec.name)
-        out = run_dir / f"cls_{name}"
+    for sub in member_configs(cfg, cls_root, bg_dir / "background.csv", crop_boxes):
+        out = run_dir / f"cls_{sub.exp_name}"
         members.append(out)
-        overrides = {f"classifier.{k}": v for k, v in OmegaConf.to_container(spec, resolve=True).items()}
-        if spec.get("background", False):
-            overrides["classifier.background_table"] = str(bg_dir / "background.csv")
-        # exp_name names the member's OOF logits (the ensemble tells members apart by it)
-        sub = _with(
-            cfg, **{"data.root": str(cls_root), "stage": "classifier", "fold": None, "exp_name": name, **overrides}
-        )
-        steps(f"classifier {name}", out / "summary.json", lambda sub=sub, out=out: _classifier(sub, out))
+        steps(f"classifier {sub.exp_name}", out / "summary.json", lambda sub=sub, out=out: _classifier(sub, out))
 
     ens = run_dir / "ensemble" / "ensemble.json"
-    steps("ensemble", ens, lambda: _tune(members, cls_root / "train.csv", det_dir, ens))
-    sub_path = run_dir / "predict" / "submission.csv"
+    folds = cls_root / FOLDS_FILE
+    steps("ensemble", ens, lambda: _tune(members, cls_root / "train.csv", det_dir, ens, crop_boxes, folds))
     report_path = run_dir / "predict" / "predict_report.json"
     steps("predict", sub_path, lambda: _predict(root, ens, sub_path, str(p.runtime), report_path))
 
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, object]:
+    """Run every step of the pipeline into ``run_dir``; returns the scores and the time per step."""
+    p = cfg.pipeline
+    if p.two_stage and not p.classifiers:
+        raise CytologiaInputError("config key pipeline.classifiers is empty: the pipeline needs at least one")
+    if not p.two_stage and not p.single_stage.enabled:
+        raise CytologiaInputError("pipeline.two_stage=false needs pipeline.single_stage.enabled=true: nothing to train")
+    from cytologia.recipes import check_weights
+
+    check_weights(cfg)  # every named weight file present and verified, before any data work
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    n_steps = 3 + int(p.single_stage.enabled)
+    if p.two_stage:
+        n_steps += 6 + len(p.classifiers) + int(p.crop_detector is not None)
+    steps = _QuietSteps(_Steps(run_dir, n_steps), run_dir)
+    root = Path(cfg.data.root)
+    state: dict[str, object] = {}
+
+    def data() -> None:
+        ensure_data(cfg)
+        state["table"] = read_train(cfg, root)
+        ensure_folds(cfg, state["table"], root)
+
+    steps("data", None, data)
+    sub_path = run_dir / "predict" / "submission.csv"
+    if p.two_stage:
+        _two_stage(cfg, run_dir, root, steps, sub_path)
     null_path = run_dir / "baselines" / "null_submission.csv"
     steps("null baseline", null_path, lambda: _null_baseline(root, null_path))
     ss = p.single_stage
@@ -216,13 +269,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, object]:
             lambda: _single_stage(
                 root,
                 ss_dir,
-                single_stage_settings(record, budget_min, clock),
+                single_stage_settings(record, budget_min, clock, cfg.paths.models_dir),
                 int(cfg.folds.k),
             ),
         )
 
     truth = root / "test_labels.csv"
     scores = _scores(truth, {"two-stage": sub_path, "single-stage": ss_dir / "submission.csv", "null": null_path})
+    if not p.two_stage:  # the single-stage model is the run's submission: the report shows it
+        sub_path = ss_dir / "submission.csv"
     report_dir = run_dir / "report"
     steps("report", None, lambda: _report(cfg, run_dir, root, truth, sub_path, scores, report_dir))
     summary = {
@@ -303,14 +358,20 @@ def single_stage_budget(times: dict[str, float], time_min: float, match: bool) -
     return budget
 
 
-def single_stage_settings(record: Mapping[str, Any], time_min: float, clock: str) -> SingleStageSettings:
+def single_stage_settings(
+    record: Mapping[str, Any], time_min: float, clock: str, models_dir: str | Path | None = None
+) -> SingleStageSettings:
     """The settings of the single-stage baseline from the config group ``pipeline.single_stage`` (``record``, field
     by name: :func:`cytologia.single_stage.settings_from_config`) with this run's budget ``time_min``, in minutes of
-    ``clock`` (the resolved clock: :func:`single_stage_budget`, :func:`resolve_clock`), and ``workers=0``: images
-    load in this process, so the CPU-time budget counts them."""
+    ``clock`` (the resolved clock: :func:`single_stage_budget`, :func:`resolve_clock`), ``workers=0`` (images load in
+    this process, so the CPU-time budget counts them) and its ``weights`` (``random``, a catalog name, a file) as
+    the verified file in ``models_dir`` (None: random init)."""
     from cytologia.single_stage import settings_from_config
+    from cytologia.weights_catalog import resolve_weights
 
-    return settings_from_config(record, time_min=time_min, clock=clock, workers=0)
+    path = resolve_weights(record.get("weights"), models_dir, key="pipeline.single_stage.weights")
+    weights = str(path) if path is not None else None
+    return settings_from_config(record, time_min=time_min, clock=clock, workers=0, weights=weights)
 
 
 def _clean(root: Path, boxes: Path, out: Path, settings: Path | None) -> None:
@@ -319,10 +380,36 @@ def _clean(root: Path, boxes: Path, out: Path, settings: Path | None) -> None:
     _print(clean_folder(root, boxes, out, CleaningConfig.from_yaml(settings) if settings is not None else None).lines)
 
 
-def _tune(members: list[Path], truth: Path, detector: Path, out: Path) -> None:
+def _tune(
+    members: list[Path], truth: Path, detector: Path, out: Path, boxes: Path | None = None, folds: Path | None = None
+) -> None:
     from cytologia.ensemble.runs import tune_ensemble
 
-    _print(tune_ensemble(members, truth, out, detector=detector).lines)
+    kwargs = {"boxes": boxes, "folds": folds} if boxes is not None else {}
+    _print(tune_ensemble(members, truth, out, detector=detector, **kwargs).lines)
+
+
+def _crop_detector(cfg: DictConfig, root: Path, out: Path) -> None:
+    """The crop detector (``pipeline.crop_detector``) on ``root`` (the cleaned data folder), then its out-of-fold
+    boxes cut to the known count per image -- each image's number of training boxes, padded when too few found --
+    as one boxes table (model ``crop:<model>``) that the crop classifiers train on (``classifier.boxes``)."""
+    import numpy as np
+
+    from cytologia.data.prepare import read_folds
+    from cytologia.detection.fusion import known_count
+    from cytologia.detection.oof import read_boxes, write_boxes
+    from cytologia.oof_names import is_flip_model
+
+    _detector(cfg, out)
+    table = read_train(cfg, root)
+    raw = read_boxes(out / "oof_boxes.csv")
+    raw = raw[[not is_flip_model(str(m)) for m in raw["model"]]]  # the plain pass: one model's boxes
+    sizes = table.drop_duplicates("NAME").set_index("NAME")[["img_w", "img_h"]]
+    kept = known_count(raw, table.groupby("NAME").size(), sizes.reset_index(), source=str(out / "oof_boxes.csv"))
+    fold_of = read_folds(root / FOLDS_FILE).set_index("NAME")["fold"]
+    kept["model"] = f"crop:{cfg.detector.model}_{cfg.detector.img_size}"
+    kept["fold"] = kept["NAME"].map(fold_of).astype(np.int64)
+    write_boxes(kept, out / CROP_BOXES_FILE)
 
 
 def _predict(root: Path, ensemble: Path, out: Path, runtime: str, report: Path) -> None:

@@ -61,6 +61,9 @@ def train(cfg: DictConfig, run_dir: Path | None = None) -> dict[str, object]:
     if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
         write_run_info(run_dir, typed, extra={"stage": typed.stage, "fold": typed.fold})
         log.info("%s: resolved config in %s", typed.exp_name, run_dir / CONFIG_FILE)
+    from cytologia.recipes import check_weights
+
+    check_weights(typed)  # named pretrained weights present and verified, before any data work (else: the pull command)
     stage = stage_function(typed.stage)
     from cytologia.console import route_lightning_logs
     from cytologia.data.images import JPEG_WARNINGS_FILE, capture_jpeg_warnings

@@ -1,8 +1,10 @@
 """Local weight files: the sha256 manifest in ``models/`` and strict state-dict loading.
 
-Nothing is downloaded. A loader calls :func:`verified_path` before reading a file: the file must be listed in
-``models/manifest.json`` with the same sha256 (a truncated copy or a different release is caught before it silently
-trains from wrong weights). :func:`load_state_dict_checked` loads strictly or says exactly which keys did not match.
+Nothing is downloaded here (the one deliberate download is ``cytologia weights pull``,
+:mod:`cytologia.weights_catalog`). A loader calls :func:`verified_path` before reading a file: the file must be
+listed in ``models/manifest.json`` with the same sha256 (a truncated copy or a different release is caught before it
+silently trains from wrong weights). :func:`load_state_dict_checked` loads strictly or says exactly which keys did
+not match.
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ def read_manifest(directory: Path | None = None) -> dict[str, dict[str, Any]]:
     return files
 
 
-def add_to_manifest(file: Path, source: str = "", directory: Path | None = None) -> dict[str, Any]:
-    """Record ``file`` (which must lie in the models folder) with its sha256 and size; returns the entry."""
+def add_to_manifest(file: Path, source: str = "", directory: Path | None = None, **extra: Any) -> dict[str, Any]:
+    """Record ``file`` (which must lie in the models folder) with its sha256 and size (plus ``extra`` fields, e.g.
+    ``licence``); returns the entry."""
     directory = Path(directory or models_dir())
     file = Path(file)
     if not file.is_file():
@@ -57,7 +60,7 @@ def add_to_manifest(file: Path, source: str = "", directory: Path | None = None)
         raise CytologiaInputError(f"{file}: weight files must be placed directly in {directory}/")
     path = directory / MANIFEST_NAME
     data = json.loads(path.read_text()) if path.is_file() else {"files": {}}
-    entry = {"sha256": sha256_file(file), "size": file.stat().st_size, "source": source}
+    entry = {"sha256": sha256_file(file), "size": file.stat().st_size, "source": source, **extra}
     data.setdefault("files", {})[file.name] = entry
     path.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     return entry

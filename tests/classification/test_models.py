@@ -26,6 +26,7 @@ FIRST_PLACE = (
     "vit_large_patch16_224",
     "tiny_vit_21m_512",
     "nextvit_small",
+    "nextvit_large",
     "dinobloom_s",
     "dinobloom_b",
     "dinobloom_l",

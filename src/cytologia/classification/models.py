@@ -36,7 +36,8 @@ from cytologia.classification.weight_files import (  # also importable from here
     unwrap_state_dict,  # noqa: F401
 )
 from cytologia.errors import CytologiaInputError
-from cytologia.weights import LoadReport, load_state_dict_checked, verified_path
+from cytologia.weights import LoadReport, load_state_dict_checked
+from cytologia.weights_catalog import resolve_weights
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +146,11 @@ def create_classifier(
 ) -> nn.Module:
     """Build classifier ``name`` (registered, or any timm model) with ``num_classes`` outputs.
 
-    ``img_size`` defaults to the registered size; ``weights`` is a local file (or a bare name in ``models_dir``,
-    default ``$CYTOLOGIA_MODELS`` or ``models/``) checked against the manifest and loaded strictly, the head
-    excepted; ``train_last_k`` freezes everything but the last k blocks, the final norm and the head
+    ``img_size`` defaults to the registered size; ``weights`` (None or ``"random"``: random init) is a catalog name
+    (``vit_large_patch16_224.augreg_in21k_ft_in1k``: its file in ``models_dir``, else an error naming ``cytologia
+    weights pull``) or a local file (or a bare name in ``models_dir``, default ``$CYTOLOGIA_MODELS`` or ``models/``),
+    checked against the manifest and loaded strictly, the head excepted (which tensors loaded and which are new is
+    logged); ``train_last_k`` freezes everything but the last k blocks, the final norm and the head
     (:func:`freeze_all_but_last`). Extra ``kwargs`` go to ``timm.create_model``. Never downloads anything.
     """
     if num_classes < 0:
@@ -162,21 +165,35 @@ def create_classifier(
         model = create_timm_model(name, num_classes, img_size, drop_path, **kwargs)
     else:
         raise _unknown(name)
-    if weights is not None:
-        path = verified_path(weights, Path(models_dir) if models_dir is not None else None)
+    path = resolve_weights(str(weights), models_dir, key="weights") if weights is not None else None
+    if path is not None:
         loader = spec.load_weights if spec is not None and spec.load_weights is not None else load_timm_weights
         report = loader(model, path)
-        loaded = set(report.loaded)
-        at_init = [k for k in model.state_dict() if k not in loaded]
-        log.info(
-            "%s: loaded %d tensors from %s; left at init: %s", name, len(loaded), path, ", ".join(at_init) or "none"
-        )
+        log.info("%s", describe_load(name, path, report, model))
     if train_last_k is not None:
         freeze_all_but_last(model, train_last_k)
     return model
 
 
 # ---------------------------------------------------------------------------------------------------------- weights
+def describe_load(name: str, path: Path, report: LoadReport, model: nn.Module) -> str:
+    """One line saying which tensors came from ``path`` and which were newly initialised (the head, typically),
+    grouped by module prefix so a 300-tensor backbone reads in one line."""
+    loaded = set(report.loaded)
+    at_init = [k for k in model.state_dict() if k not in loaded]
+
+    def groups(keys: list[str]) -> str:
+        prefixes: dict[str, int] = {}
+        for k in keys:
+            prefixes[k.split(".")[0]] = prefixes.get(k.split(".")[0], 0) + 1
+        return ", ".join(f"{p} ({n})" for p, n in prefixes.items()) or "none"
+
+    return (
+        f"{name}: {len(loaded)} tensors loaded from {path} [{groups(sorted(loaded))}]; newly initialised: "
+        f"{', '.join(at_init) or 'none'}"
+    )
+
+
 def adapt_pos_embed(
     state: dict[str, torch.Tensor], model: nn.Module, source: str = "checkpoint"
 ) -> dict[str, torch.Tensor]:
@@ -280,6 +297,7 @@ _timm_entry("tf_efficientnetv2_m", 512, "EfficientNetV2-M (TF port, SAME padding
 _timm_entry("vit_large_patch16_224", 224, "ViT-L/16 at 224 px")
 _timm_entry("tiny_vit_21m_512", 512, "TinyViT-21M, 512 px windows")
 _timm_entry("nextvit_small", 384, "NextViT-S, trained at 384 px")
+_timm_entry("nextvit_large", 384, "NextViT-L, trained at 384 px (the 1st place's)")
 
 
 def _dinobloom_entry(name: str) -> None:
