@@ -28,7 +28,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "predict": ("cytologia.commands.predict", "detect, classify and write a validated submission (+ per-image output)"),
     "single-stage": ("cytologia.commands.single_stage", "single-stage baseline: one 23-class YOLO, trained and scored"),
     "report": ("cytologia.commands.report", "report folder: per-class F1, confusion, per-source F1, error gallery"),
-    "count": ("cytologia.commands.count", "differential count per smear: % per class with 95 % intervals, flags"),
+    "count": ("cytologia.commands.count", "differential count per smear: class shares, 95-percent intervals, flags"),
     "bench": ("cytologia.commands.bench", "benchmarks (score, synth, folds, ...)"),
 }
 
