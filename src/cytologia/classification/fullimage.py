@@ -36,23 +36,14 @@ from cytologia.classification.crops import (
     IMAGENET_STD,
     MAX_REPORTED,
     ItemDataset,
-    crop_with_margin,
 )
+from cytologia.classification.geometry import letterbox  # noqa: F401  (re-exported)
 from cytologia.data.schema import BACKGROUND
 from cytologia.errors import CytologiaInputError, ValidationError
 
 # Columns of an image table (:func:`image_table`): ``classes`` is the space-separated label names present (class
 # names hold no spaces), ``cell_class`` the class of the only box of a single-cell image (None otherwise).
 IMAGE_COLUMNS: tuple[str, ...] = ("NAME", "fold", "n_cells", "classes", "cell_class")
-
-
-def letterbox(image: np.ndarray, size: int) -> np.ndarray:
-    """``image`` (HW or HWC) scaled so its long side is ``size`` and padded, centred, to ``size`` x ``size`` with its
-    border colour (``INTER_AREA`` when shrinking, ``INTER_LINEAR`` when enlarging). A square image is only resized."""
-    if image.ndim not in (2, 3) or image.shape[0] < 1 or image.shape[1] < 1:
-        raise CytologiaInputError(f"image of shape {image.shape}: expected a non-empty HW or HWC array")
-    h, w = image.shape[:2]
-    return crop_with_margin(image, (0.0, 0.0, float(w), float(h)), 0, size, keep_aspect=True)
 
 
 # ----------------------------------------------------------------------------------------------------- image tables
