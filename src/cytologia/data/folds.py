@@ -9,6 +9,12 @@ into one; :func:`stratification_labels` builds real one-hot blocks.)
 
 ``mode="group-source"`` instead keeps every inferred source (with the duplicate groups that link to it) in a single
 fold -- a leave-source-out split that measures how a model transfers to an unseen hospital.
+
+Combined data sets (``cytologia combine``: several data sets in one folder, the data set of each image in
+``sources.csv``, :func:`cytologia.data.combine.read_datasets`): given ``datasets``, the stratified mode also balances
+the share of each data set across folds (one more one-hot block), and ``mode="group-dataset"`` keeps each data set
+wholly in one fold -- leave one data set out, with ``k`` = the number of data sets (or fewer: then folds hold several
+data sets, the largest first).
 """
 
 from __future__ import annotations
@@ -29,11 +35,11 @@ from cytologia.errors import CytologiaInputError, ValidationError
 
 log = logging.getLogger(__name__)
 
-MODES: tuple[str, ...] = ("stratified", "group-source")
+MODES: tuple[str, ...] = ("stratified", "group-source", "group-dataset")
 _MAX_PROBLEMS = 20  # bad rows listed in an error message of read_split_table (the total is counted)
 MISSING = "missing"  # the bin of a unit whose statistic is unknown (unreadable image, no images at all)
 # Binned features, in label-column order; columns are named "<feature>=<level>". Each block is one-hot.
-BINNED_FEATURES: tuple[str, ...] = ("boxes", "box_size", "img_size", "L_mean", "a_mean", "b_mean", "source")
+BINNED_FEATURES: tuple[str, ...] = ("boxes", "box_size", "img_size", "L_mean", "a_mean", "b_mean", "source", "dataset")
 _N_BINS = {"box_size": 4, "img_size": 3, "L_mean": 3, "a_mean": 3, "b_mean": 3}  # quantile bins per feature
 _BOX_COUNT_LEVELS = ("1", "2", "3+")  # 93 % of real images hold one box, 5 % two; 3+ is the long tail
 
@@ -66,6 +72,8 @@ class FoldReport:
     label_columns: list[str]
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    n_datasets: int | None = None  # data sets of a combined folder (None: not given)
+    dataset_folds: dict[str, int] | None = None  # group-dataset mode: data set -> fold
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -145,6 +153,9 @@ def stratification_labels(units: pd.DataFrame, classes: list[str]) -> pd.DataFra
         pos = {s: i for i, s in enumerate(ids)}
         codes = np.array([pos.get(s, len(ids)) for s in src], dtype=np.int64)
         blocks.append(_one_hot("source", codes, [str(s) for s in ids] + [MISSING]))
+    if "dataset" in units:  # integer codes of the data sets of a combined folder
+        codes = units["dataset"].to_numpy(np.int64)
+        blocks.append(_one_hot("dataset", codes, [str(d) for d in range(int(codes.max()) + 1)]))
     labels = pd.concat([blocks[0]] + [b for b in blocks[1:] if b.shape[1] > 1], axis=1)
     labels.index = units.index
     return labels
@@ -232,17 +243,21 @@ def _source_blocks(units: np.ndarray, sources: np.ndarray) -> np.ndarray:
     return pd.factorize(comp[:n], sort=False)[0]
 
 
-def _group_source_split(blocks: np.ndarray, has_source: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, int]:
+def _group_source_split(
+    blocks: np.ndarray, has_source: np.ndarray, k: int, seed: int, what: str = "source"
+) -> tuple[np.ndarray, int]:
     """Largest-first greedy assignment of whole blocks to the fold with the fewest images (ties broken by seed).
 
     ``has_source[b]`` says whether block ``b`` holds a known source; at least ``k`` such blocks are needed, so that
-    every fold holds a source of its own (blocks of unreadable images alone only fill up the folds)."""
+    every fold holds a source of its own (blocks of unreadable images alone only fill up the folds). ``what``:
+    ``source`` or ``dataset``, for the message."""
     sizes = np.bincount(blocks)
     n_source_blocks = int(has_source.sum())
     if n_source_blocks < k:
+        hint = "set --sources" if what == "source" else "combine more data sets"
         raise CytologiaInputError(
-            f"group-source mode needs at least k={k} separable sources, found {n_source_blocks} "
-            "(lower --k, set --sources, or use --mode stratified)"
+            f"group-{what} mode needs at least k={k} separable {what}s, found {n_source_blocks} "
+            f"(lower --k, {hint}, or use --mode stratified)"
         )
     rng = np.random.RandomState(seed)
     order = rng.permutation(len(sizes))
@@ -296,12 +311,15 @@ def make_folds(
     sources: pd.Series | None = None,
     n_sources: int | None = None,
     workers: int | None = None,
+    datasets: pd.Series | None = None,
 ) -> tuple[pd.DataFrame, FoldReport]:
     """Assign every image of an annotation table (one row per box) to one of ``k`` folds.
 
     - ``mode="stratified"``: multilabel-stratified over duplicate groups on class presence + one-hot bins of box
       count, box size, image size, L*a*b* colour means and inferred source.
     - ``mode="group-source"``: each inferred source entirely in one fold, fold sizes balanced.
+    - ``mode="group-dataset"``: each data set of ``datasets`` (NAME -> data set name, a combined folder's
+      ``sources.csv``) entirely in one fold; with ``datasets`` the stratified mode balances their shares too.
 
     ``image_dir`` (optional) is read for image size, JPEG tables and colour (or pass ``features`` from
     :func:`cytologia.data.sources.image_features`); without either, image statistics are skipped with a warning.
@@ -355,6 +373,21 @@ def make_folds(
     n_src = None if src is None else len(set(src.tolist()) - {UNKNOWN_SOURCE})
     if src is not None:
         images["source"] = src
+    ds_names: list[str] = []
+    if datasets is not None:
+        given = pd.Series(datasets).groupby(level=0).first().reindex(names)
+        if given.isna().any():
+            raise CytologiaInputError(
+                f"{int(given.isna().sum())} image(s) have no data set (e.g. {given.index[given.isna()][0]}): the "
+                "data sets table must name every image of the annotation table"
+            )
+        codes, uniques = pd.factorize(given.astype(str), sort=True)
+        images["dataset"], ds_names = codes.astype(np.int64), [str(u) for u in uniques]
+    elif mode == "group-dataset":
+        raise CytologiaInputError(
+            "group-dataset mode needs the data set of every image: a combined folder (cytologia combine) has them "
+            "in sources.csv"
+        )
 
     units, n_dup = _unit_ids(names, dup_groups)
     if mode == "stratified":
@@ -362,6 +395,8 @@ def make_folds(
         agg.update(n_boxes="max", box_size="mean", img_size="mean", L_mean="mean", a_mean="mean", b_mean="mean")
         if src is not None:
             agg["source"] = "first"
+        if datasets is not None:
+            agg["dataset"] = "first"
         unit_table = images.reset_index(drop=True).groupby(units, sort=True).agg(agg)
         n_units = len(unit_table)
         if k > n_units:
@@ -370,6 +405,15 @@ def make_folds(
         fold = _stratified_split(labels, k, seed)[units]
         label_columns = labels.columns.tolist()
         source_folds = None
+    elif mode == "group-dataset":
+        codes = images["dataset"].to_numpy(np.int64)
+        blocks = _source_blocks(units, codes)
+        has_dataset = np.ones(blocks.max() + 1, dtype=bool)
+        fold, n_units = _group_source_split(blocks, has_dataset, k, seed, what="dataset")
+        label_columns, source_folds = [], None
+        linked = pd.Series(codes).groupby(blocks).nunique()
+        if (linked > 1).any():
+            warn(f"duplicate images link {int(linked[linked > 1].sum())} data sets to others: linked ones share a fold")
     else:
         if src is None:
             raise CytologiaInputError(
@@ -407,6 +451,12 @@ def make_folds(
         label_columns=label_columns,
         seconds=0.0,
         warnings=notes,
+        n_datasets=len(ds_names) if datasets is not None else None,
+        dataset_folds=(
+            {ds_names[c]: int(f) for c, f in sorted(set(zip(images["dataset"].tolist(), fold.tolist())))}
+            if mode == "group-dataset"
+            else None
+        ),
         **_balance(fold, images, classes, box_img, box_cls, k),  # type: ignore[arg-type]
     )
     report.seconds = round(time.perf_counter() - start, 3)
@@ -478,7 +528,8 @@ def folds_for_folder(
     With the images (``images``, default ``data/images``, skipped with a warning when absent; ``use_images=False``
     ignores them) the split also uses image statistics (``workers`` decoding threads), duplicate groups (``dedup``,
     perceptual-hash distance ``near_threshold``) and the inferred acquisition sources (``n_sources``, default auto;
-    written as ``NAME,source`` to ``sources_out`` when given)."""
+    written as ``NAME,source`` to ``sources_out`` when given). A combined folder's data sets (the ``dataset`` column of
+    ``data/sources.csv``) are passed on as ``datasets``."""
     from cytologia.data.prepare import FOLDS_REPORT
 
     data, out = Path(data), Path(out)
@@ -502,8 +553,17 @@ def folds_for_folder(
             sources_out.parent.mkdir(parents=True, exist_ok=True)
             sources.reset_index().to_csv(sources_out, index=False)
 
+    from cytologia.data.combine import read_datasets
+
     folds, report = make_folds(
-        table, k=k, seed=seed, mode=mode, dup_groups=dup_groups, features=features, sources=sources
+        table,
+        k=k,
+        seed=seed,
+        mode=mode,
+        dup_groups=dup_groups,
+        features=features,
+        sources=sources,
+        datasets=read_datasets(data),  # a combined folder's data sets (None for one data set)
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     folds.to_csv(out, index=False)

@@ -107,6 +107,8 @@ def ensure_folds(cfg: DictConfig, table: pd.DataFrame, root: Path) -> pd.DataFra
         names = list(pd.unique(table["NAME"]))
         dups = find_duplicates(root / "images", names, near_threshold=cfg.folds.near_threshold)
         dup_groups = dups.set_index("NAME")["dup_group"]
+        from cytologia.data.combine import read_datasets
+
         folds, report = make_folds(
             table,
             k=k,
@@ -114,6 +116,7 @@ def ensure_folds(cfg: DictConfig, table: pd.DataFrame, root: Path) -> pd.DataFra
             mode=str(cfg.folds.mode),
             image_dir=root / "images",
             dup_groups=dup_groups,
+            datasets=read_datasets(root),  # a combined folder's data sets: a stratification block / group-dataset
         )
         write_text_atomic(root / FOLDS_REPORT, json.dumps(report.to_dict(), indent=1, default=str) + "\n")
         write_text_atomic(path, folds.to_csv(index=False))  # last: folds.csv present means its report is too
