@@ -73,6 +73,11 @@ def test_toy_pipeline_end_to_end_and_resume(tmp_path: Path, monkeypatch: pytest.
         "clean/cleaning_report.csv",
         "ensemble/ensemble.json",
         "predict/submission.csv",
+        "predict/submission_calibrated.csv",  # calibrated probabilities, refer flags (issue 17)
+        "counts/counts.json",  # differential counts per smear of the generated test set
+        "report/reliability.png",
+        "report/risk_coverage.png",
+        "report/counts/index.html",
         "baselines/null_submission.csv",
         "report/index.html",
     ):

@@ -462,10 +462,58 @@ def fit_calibration(
         },
         "reliability_before": _records(reliability_table(probs, labels, n_bins)),
         "reliability_after": _records(reliability_table(cross, labels, n_bins)),
-        "risk_coverage": curve_points(risk_coverage(cross_scores[chosen], correct)),
+        "risk_coverage": {name: curve_points(risk_coverage(cross_scores[name], correct)) for name in ALL_SCORES},
         "risk_coverage_in_sample": curve_points(curve),
     }
     return spec, report
+
+
+def evaluate_calibrated(
+    calibrated: pd.DataFrame, submission: pd.DataFrame, truth: pd.DataFrame, calibration: CalibrationSpec
+) -> dict[str, Any]:
+    """Calibration and referral measured against known truth (a generated test set): each truth box takes the
+    submission row the challenge score matches it with (:func:`cytologia.metrics.score`); that row's calibrated
+    probabilities (``calibrated``, by trustii_id) and its class are scored against the truth's class (a row several
+    truth boxes take counts once, with the first). Returns ECE before (probabilities recovered as ``softmax(T log
+    pcal)``) and after, reliability tables, the risk-coverage curve of each score, the error at 90 % coverage and
+    the coverage and error of the file's refer rule."""
+    from cytologia.metrics import score
+
+    m = score(truth, submission).matched
+    m = m[m["pred_row"].to_numpy() >= 0].drop_duplicates("pred_row")
+    ids = pd.to_numeric(submission["trustii_id"]).to_numpy(np.int64)[m["pred_row"].to_numpy(np.int64)]
+    by_id = calibrated.assign(trustii_id=pd.to_numeric(calibrated["trustii_id"]).astype(np.int64))
+    rows = by_id.set_index("trustii_id").loc[ids]
+    known = m["class"].isin(CLASSES).to_numpy()
+    rows, m = rows[known], m[known]
+    labels = m["class"].map({c: i for i, c in enumerate(CLASSES)}).to_numpy(np.int64)
+    cal = rows[list(CAL_PROB_COLUMNS)].to_numpy(np.float64)
+    before = apply_temperature(cal, 1.0 / calibration.temperature)
+    correct = (rows["class"].to_numpy() == m["class"].to_numpy()).astype(bool)
+    scores = reject_scores(cal, pred=cal.argmax(axis=1))
+    out: dict[str, Any] = {
+        "n_boxes": int(len(labels)),
+        "accuracy": float(correct.mean()) if len(correct) else 0.0,
+        "ece_bins": ECE_BINS,
+        "ece_before": expected_calibration_error(before, labels),
+        "ece_after": expected_calibration_error(cal, labels),
+        "reliability_before": _records(reliability_table(before, labels)),
+        "reliability_after": _records(reliability_table(cal, labels)),
+        "risk_coverage": {k: curve_points(risk_coverage(v, correct)) for k, v in scores.items()},
+        "error_at_90_coverage": {k: error_at_coverage(v, correct, 0.9) for k, v in scores.items()},
+    }
+    r = calibration.reject
+    if r is not None:
+        referred = rows["refer"].to_numpy(bool) if "refer" in rows.columns else scores[r.score] < r.threshold
+        kept = ~referred
+        out["refer_rule"] = {
+            "score": r.score,
+            "threshold": r.threshold,
+            "target_error": r.target_error,
+            "coverage": float(kept.mean()) if len(kept) else 0.0,
+            "error": float((~correct[kept]).mean()) if kept.any() else 0.0,
+        }
+    return out
 
 
 def _records(table: pd.DataFrame) -> list[dict[str, float | None]]:

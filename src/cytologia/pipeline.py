@@ -9,9 +9,12 @@ resumes where it stopped -- rerun with ``hydra.run.dir=<run folder>``):
 4. ``background`` cell-free images painted from training images, with the fold of their source image
 5. ``cls_<name>`` each classifier of ``pipeline.classifiers`` on the cleaned boxes -> OOF logits
 6. ``ensemble``   weights tuned on the OOF logits, held-out check -> ``ensemble/ensemble.json`` (``cytologia tune``)
-7. ``predict``    the test set, known-count mode -> ``predict/submission.csv`` (``cytologia predict``)
+7. ``predict``    the test set, known-count mode -> ``predict/submission.csv`` (``cytologia predict``), with the
+                  calibrated probabilities and refer-to-expert flags per box (``submission_calibrated.csv``)
+   ``count``      differential counts per smear of the test set -> ``counts/`` (``cytologia count``; generated sets)
 8. ``baselines``  the null model and the single-stage 23-class YOLO (the 3rd place's approach), same data
-9. ``report``     scores side by side, per-class F1, confusion matrix, F1 per source, error gallery, stage times
+9. ``report``     scores side by side, per-class F1, confusion matrix, F1 per source, error gallery, stage times,
+                  reliability diagram, risk-coverage curve, per-smear counts
 
 Steps 3-8 call the library functions behind the commands a user runs by hand, with the same files: ``clean``
 :func:`cytologia.detection.cleaning.clean_folder` (``cytologia clean``), ``ensemble``
@@ -223,6 +226,8 @@ def _two_stage(cfg: DictConfig, run_dir: Path, root: Path, steps: Any, sub_path:
     steps("ensemble", ens, lambda: _tune(members, cls_root / "train.csv", det_dir, ens, crop_boxes, folds))
     report_path = run_dir / "predict" / "predict_report.json"
     steps("predict", sub_path, lambda: _predict(root, ens, sub_path, str(p.runtime), report_path))
+    counts = run_dir / "counts"
+    steps("count", counts / "counts.json", lambda: _count(root, ens, sub_path, counts))
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, object]:
@@ -239,7 +244,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, object]:
     run_dir.mkdir(parents=True, exist_ok=True)
     n_steps = 3 + int(p.single_stage.enabled)
     if p.two_stage:
-        n_steps += 6 + len(p.classifiers) + int(p.crop_detector is not None)
+        n_steps += 7 + len(p.classifiers) + int(p.crop_detector is not None)
     steps = _QuietSteps(_Steps(run_dir, n_steps), run_dir)
     root = Path(cfg.data.root)
     state: dict[str, object] = {}
@@ -418,6 +423,26 @@ def _predict(root: Path, ensemble: Path, out: Path, runtime: str, report: Path) 
     _print(predict_folder(root, ensemble, out, runtime=runtime, report=report).lines)
 
 
+def _count(root: Path, ensemble: Path, submission: Path, out: Path) -> None:
+    """Differential counts per smear of the predicted test set (``cytologia count``): a generated set's smears
+    (``smears.csv``, drawn when absent), known truth beside them; a folder without smears is skipped."""
+    from cytologia.calibration import calibrated_path
+    from cytologia.counts import count_cells
+    from cytologia.data.synthetic.smears import SMEARS_FILE, ensure_smears
+
+    cells = calibrated_path(submission)
+    if not (root / SMEARS_FILE).is_file() and (root / "synth.json").is_file():
+        ensure_smears(root)
+    if not (root / SMEARS_FILE).is_file() or not cells.is_file():
+        log.info("count: no %s or no %s: no differential counts", root / SMEARS_FILE, cells)
+        return
+    truth = root / "test_labels.csv"
+    done = count_cells(
+        cells, out, smears=root / SMEARS_FILE, ensemble=ensemble, truth=truth if truth.is_file() else None
+    )
+    _print(done.lines)
+
+
 def _null_baseline(root: Path, out: Path) -> None:
     from cytologia.baseline import null_baseline, summary_line
 
@@ -520,4 +545,18 @@ def _report(
         config=cfg,
         extra_scores=scores,
         name="two-stage",
+        **_lab_inputs(run_dir, pred),
     )
+
+
+def _lab_inputs(run_dir: Path, pred: Path) -> dict[str, Any]:
+    """The report's calibration (the tuned ensemble's), per-box calibrated output and counts, where they exist."""
+    from cytologia.calibration import calibrated_path
+
+    ens, cells, counts = run_dir / "ensemble" / "ensemble.json", calibrated_path(pred), run_dir / "counts"
+    calibration = json.loads(ens.read_text()).get("tuning", {}).get("calibration") if ens.is_file() else None
+    return {
+        "calibration": calibration,
+        "calibrated": cells if calibration is not None and cells.is_file() else None,
+        "counts": counts if (counts / "counts.json").is_file() else None,
+    }

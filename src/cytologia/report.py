@@ -486,6 +486,9 @@ def write_report(
     name: str = "this run",
     title: str = "cytologia report",
     n_gallery: int = 24,
+    calibration: Mapping[str, Any] | None = None,
+    calibrated: pd.DataFrame | str | Path | None = None,
+    counts: str | Path | None = None,
 ) -> Path:
     """Score ``pred`` against ``truth`` (both ``trustii_id,NAME,x1,y1,x2,y2,class``; tables or CSV paths) and write
     the report folder ``out_dir`` (see the module docstring); returns the path of its ``index.html``.
@@ -495,7 +498,10 @@ def write_report(
     ``train`` (annotations ``NAME,class``, for per-fold class counts), ``cleaning_report`` (a CleaningResult, its
     report table or CSV, or a `cytologia clean` output folder), ``stage_times`` (stage -> seconds), ``config`` (a
     DictConfig, mapping or YAML file), ``extra_scores`` (name -> ScoreResult or {score, giou, f1}: other results on
-    the same truth, shown side by side with this one as ``name``).
+    the same truth, shown side by side with this one as ``name``), ``calibration`` (the tuning report's
+    ``calibration`` part: reliability diagram, risk-coverage curve) with ``calibrated`` (the per-box calibrated
+    output of ``pred``: the same measured on this truth), ``counts`` (a ``cytologia count`` folder: per-smear counts;
+    :mod:`cytologia.lab_report`).
     """
     # every input is read and checked before anything is drawn or written
     truth_t = _table(truth, "truth")
@@ -615,6 +621,23 @@ def write_report(
         gallery = "<p class='note'>no image folder given: no gallery</p>"
     e_csv = _write_csv(errors, out / "errors.csv")
     sections.append(f"<h2>Worst errors</h2><p>{text} {link('errors_csv', e_csv)}</p>{gallery}")
+
+    # --- calibration, referral and differential counts (cytologia.lab_report)
+    if calibration is not None or counts is not None:
+        from cytologia.calibration import evaluate_calibrated, read_calibrated
+        from cytologia.ensemble import CalibrationSpec, RejectSpec
+        from cytologia.lab_report import lab_sections
+
+        test_eval = None
+        if calibration is not None and calibrated is not None:
+            rule = calibration["reject"]
+            spec = CalibrationSpec(
+                calibration["temperature"], reject=RejectSpec(rule["chosen"], rule["threshold"], rule["target_error"])
+            )
+            cal_t = calibrated if isinstance(calibrated, pd.DataFrame) else read_calibrated(calibrated)
+            test_eval = evaluate_calibrated(cal_t, pred_t, truth_t, spec)
+            (out / "calibration_test.json").write_text(json.dumps(test_eval, indent=1) + "\n")
+        sections.append(lab_sections(out, calibration, test_eval, counts, link))
 
     # --- data: folds, cleaning, config
     data_parts = []
