@@ -244,3 +244,54 @@ def create_loss(
     if name == "bce":
         return MultiLabelBCELoss(label_smoothing=label_smoothing, pos_weight=alpha)  # type: ignore[arg-type]
     return MultiLabelFocalLoss(gamma=gamma, alpha=alpha, label_smoothing=label_smoothing)
+
+
+class DistillationLoss(nn.Module):
+    """Knowledge distillation (Hinton et al. 2015) of a teacher's class distribution into a student, mixed with the
+    usual loss on the hard label: ``kd_weight * T^2 * KL(p_T || softmax(z / T)) + (1 - kd_weight) * hard(z, y)``.
+
+    ``p_T`` is the teacher's distribution softened at temperature ``T`` (:meth:`targets`: ``softmax(log p / T)``
+    from the teacher's log-probabilities); ``T^2`` keeps the gradient of the soft term on the scale of the hard one
+    as ``T`` grows. ``hard`` is the classifier's configured loss (cross-entropy or focal, with its smoothing and class
+    weights). The targets are one ``(B, 2K)`` tensor -- the hard label one-hot (all zeros for an item without a
+    label: an unlabelled crop contributes only the soft term) next to ``p_T`` -- so MixUp/CutMix mixes both halves
+    with the same weights as the images. The hard term is summed over the labelled rows and divided by the batch
+    size, so a batch with fewer labels gets proportionally less of it.
+    """
+
+    def __init__(self, hard: nn.Module, temperature: float = 2.0, kd_weight: float = 0.7) -> None:
+        super().__init__()
+        if not temperature > 0:
+            raise CytologiaInputError(f"distillation temperature={temperature}: must be > 0")
+        if not 0.0 <= kd_weight <= 1.0:
+            raise CytologiaInputError(f"distillation kd_weight={kd_weight}: must be in [0, 1]")
+        self.hard = hard
+        self.temperature = float(temperature)
+        self.kd_weight = float(kd_weight)
+
+    def targets(self, labels: torch.Tensor, teacher_log_probs: torch.Tensor) -> torch.Tensor:
+        """``(B, 2K)``: one-hot ``labels`` (B,) (-1: none, a zero row) and the teacher's softened distribution from
+        its log-probabilities ``(B, K)``; a teacher row that is not finite is an error (every item needs one)."""
+        if teacher_log_probs.dim() != 2 or len(teacher_log_probs) != len(labels):
+            raise CytologiaInputError(f"teacher targets {tuple(teacher_log_probs.shape)} for {len(labels)} labels")
+        if not torch.isfinite(teacher_log_probs).all():
+            raise CytologiaInputError("a training item has no finite teacher target (distillation needs one per item)")
+        k = teacher_log_probs.shape[1]
+        known = labels >= 0
+        hard = F.one_hot(labels.clamp_min(0).long(), k).float() * known.unsqueeze(1).float()
+        soft = F.softmax(teacher_log_probs.float() / self.temperature, dim=-1)
+        return torch.cat([hard, soft], dim=1)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        k = logits.shape[-1]
+        if targets.dim() != 2 or targets.shape[1] != 2 * k:
+            raise CytologiaInputError(f"distillation targets of shape {tuple(targets.shape)}: expected (B, {2 * k})")
+        x = logits.float()
+        hard, soft = targets[:, :k].float(), targets[:, k:].float()
+        log_student = F.log_softmax(x / self.temperature, dim=-1)
+        kd = (soft * (torch.log(soft.clamp_min(1e-12)) - log_student)).sum(dim=-1).mean() * self.temperature**2
+        labelled = hard.sum(dim=-1) > 0
+        hard_term = x.new_zeros(())
+        if labelled.any():
+            hard_term = self.hard(x[labelled], hard[labelled]) * labelled.float().mean()
+        return self.kd_weight * kd + (1.0 - self.kd_weight) * hard_term

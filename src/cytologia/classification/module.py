@@ -16,6 +16,12 @@ macro-F1 of the argmax over the 23 class logits on the **single-cell** held-out 
 ensemble blends this model in. ``val/mean_ap`` (macro average precision over the labels with a positive among the
 held-out images, :func:`mean_average_precision`) is logged beside it: it measures the whole multi-label ranking,
 multi-cell images included, without a threshold.
+
+A distilled student (``distill={"temperature": T, "kd_weight": a}``, :mod:`cytologia.classification.distill`) is the
+same module with another training target: batches also carry the teacher's log-probabilities (``teacher``), and the
+configured loss becomes the hard-label term of a
+:class:`~cytologia.classification.losses.DistillationLoss`. Validation, checkpoints and prediction are unchanged,
+so a student loads, exports and predicts like any crop classifier.
 """
 
 from __future__ import annotations
@@ -136,6 +142,7 @@ class ClassifierModule(L.LightningModule):
         min_lr_ratio: float = 0.01,
         mix: dict[str, float] | None = None,
         multilabel: bool = False,
+        distill: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -164,6 +171,13 @@ class ClassifierModule(L.LightningModule):
             gamma=loss.get("gamma", 2.0),
             alpha=loss.get("alpha"),
         )
+        self.distill = dict(distill) if distill else None
+        if self.distill is not None:  # a student: the configured loss becomes the hard-label term
+            if multilabel:
+                raise CytologiaInputError("distillation trains a single-label crop model, not a multi-label one")
+            from cytologia.classification.losses import DistillationLoss
+
+            self.criterion = DistillationLoss(self.criterion, **self.distill)
         self.mix = dict(mix or {})
         # The class logits a prediction is taken from: the 23 cell classes (background, when present, is last).
         self.n_cell_classes = min(self.num_classes, len(CLASSES))
@@ -181,10 +195,14 @@ class ClassifierModule(L.LightningModule):
         prob, mixup, cutmix = (float(self.mix.get(k, 0.0)) for k in ("mix_prob", "mixup_alpha", "cutmix_alpha"))
         if prob <= 0 or (mixup <= 0 and cutmix <= 0):
             return images, labels
-        return mixup_cutmix(images, labels, self.num_classes, alpha_mixup=mixup, alpha_cutmix=cutmix, prob=prob)
+        width = labels.shape[1] if labels.dim() == 2 else self.num_classes  # a student's targets are (B, 2K)
+        return mixup_cutmix(images, labels, width, alpha_mixup=mixup, alpha_cutmix=cutmix, prob=prob)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, targets = self._mixed(batch["image"], batch["target" if self.multilabel else "label"])
+        targets = batch["target" if self.multilabel else "label"]
+        if self.distill is not None:  # hard label + the teacher's softened distribution, mixed together below
+            targets = self.criterion.targets(targets, batch["teacher"])
+        images, targets = self._mixed(batch["image"], targets)
         logits = self(images)
         loss = self.criterion(logits.float(), targets)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
