@@ -46,6 +46,9 @@ class DataConfig:
     n_images: int  # images to generate when the synthetic set is absent
     synth_seed: int
     lenient: bool
+    # Crop classifiers on a combined folder (cytologia combine): data set -> weight of its share of the training
+    # draws (classification.datamodule.sampling_weights; data sets not named keep their natural share). None: shuffle.
+    sampling_weights: dict[str, float] | None
 
 
 @dataclass

@@ -6,19 +6,54 @@ each a table plus its image folder. Under DDP the engine shards both loaders wit
 
 :class:`FullImageDataModule` is the same for the multi-label full-image model: its sources are image tables
 (:func:`cytologia.classification.fullimage.image_table`), items whole letterboxed images with multi-hot targets.
+
+Per-data-set sampling (combined folders, ``data.sampling_weights``): with ``sampling`` (data set -> weight) the
+training loader draws with replacement (:func:`sampling_weights` gives each item's probability) instead of
+shuffling; an epoch keeps its length (one draw per training item).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomSampler
+
+from cytologia.errors import CytologiaInputError
+
+UNGROUPED = "background"  # the group of training items whose table has no dataset column (background crops)
+
+
+def sampling_weights(groups: Sequence[str], weights: Mapping[str, float]) -> np.ndarray:
+    """Probability of drawing each item (sums to 1) so that each group (data set) named in ``weights`` gets a share
+    of the draws proportional to its weight, items uniform within a group.
+
+    Groups not named in ``weights`` keep their natural share (their count over all items); the named groups split
+    the rest in proportion to their weights. A weight must be >= 0 (0: never drawn) and the named groups present
+    must not all weigh 0. ``{"cytologia": 1, "pbc": 1}`` draws as many PBC as Cytologia crops per epoch, whatever
+    their sizes. A weight of a group absent from ``groups`` is ignored (a held-out data set: leave one data set out
+    trains without it); the stage checks the names against the data folder's data sets."""
+    groups_arr = np.asarray(groups, dtype=object)
+    names, counts = np.unique(groups_arr, return_counts=True)
+    present = dict(zip(names.tolist(), counts.tolist()))
+    bad = {k: v for k, v in weights.items() if not np.isfinite(v) or v < 0}
+    if bad:
+        raise CytologiaInputError(f"sampling weights must be >= 0, got {dict(weights)}")
+    weights = {g: float(w) for g, w in weights.items() if g in present}
+    if weights and sum(weights.values()) <= 0:
+        raise CytologiaInputError(f"sampling weights of the training data sets are all 0: {weights}")
+    n = len(groups_arr)
+    free = sum(c for g, c in present.items() if g not in weights) / n  # natural share of the groups not named
+    total = float(sum(weights.values()))
+    share = {g: (c / n if g not in weights else (1.0 - free) * weights[g] / total) for g, c in present.items()}
+    prob = np.array([share[g] / present[g] for g in groups_arr.tolist()], dtype=np.float64)
+    return prob / prob.sum()
 
 
 def reseed_worker(worker_id: int) -> None:
@@ -46,7 +81,11 @@ class CropSource:
 
 
 class CropDataModule(L.LightningDataModule):
-    """Training and validation crop loaders for one fold."""
+    """Training and validation crop loaders for one fold. ``dataset_class``: the crop dataset
+    (:class:`~cytologia.classification.crops.CropDataset` or a subclass with more fields per item, e.g. a distilled
+    student's teacher targets)."""
+
+    dataset_class: type | None = None  # None: CropDataset (imported when used)
 
     def __init__(
         self,
@@ -60,6 +99,7 @@ class CropDataModule(L.LightningDataModule):
         num_workers: int = 0,
         augment: dict[str, Any] | None = None,
         cache: str = "none",
+        sampling: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__()
         if not train or sum(len(s.table) for s in train) == 0:
@@ -73,6 +113,7 @@ class CropDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.augment = dict(augment or {})
         self.cache = cache
+        self.sampling = dict(sampling or {})  # data set -> weight; empty: shuffle, every item once per epoch
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
 
@@ -80,6 +121,7 @@ class CropDataModule(L.LightningDataModule):
         from cytologia.classification.augment import build_transforms
         from cytologia.classification.crops import CropDataset
 
+        dataset_class = self.dataset_class or CropDataset
         transform = build_transforms(
             self.img_size,
             train,
@@ -87,7 +129,7 @@ class CropDataModule(L.LightningDataModule):
             bbox_aware_p=float(self.augment.get("bbox_aware_p", 0.5)),
             strength=str(self.augment.get("strength", "default")),
         )
-        return CropDataset(
+        return dataset_class(
             source.table,
             source.image_dir,
             self.label_names,
@@ -107,12 +149,31 @@ class CropDataModule(L.LightningDataModule):
         if self.val_set is None:
             self.val_set = self._dataset(self.val_source, train=False)
 
+    def train_probabilities(self) -> np.ndarray | None:
+        """Per training item (in the training set's order), its draw probability under ``sampling``; None without.
+        An item's group is its table's ``dataset`` column, or :data:`UNGROUPED` for a table without one."""
+        if not self.sampling:
+            return None
+        groups: list[str] = []
+        for s in self.train_sources:
+            if len(s.table):
+                column = s.table["dataset"] if "dataset" in s.table.columns else [UNGROUPED] * len(s.table)
+                groups.extend(str(g) for g in column)
+        return sampling_weights(groups, self.sampling)
+
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         n = len(dataset)  # type: ignore[arg-type]
+        prob = self.train_probabilities() if train else None
+        sampler = None
+        if prob is not None:
+            # One draw per item and epoch, with replacement; the generator follows the run's seed (seed_everything).
+            generator = torch.Generator().manual_seed(int(torch.initial_seed()) % 2**63)
+            sampler = WeightedRandomSampler(torch.as_tensor(prob), num_samples=n, replacement=True, generator=generator)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             # A batch of one breaks batch norm and MixUp: training drops the ragged tail (when a full batch exists).
             drop_last=train and n >= self.batch_size,
             num_workers=self.num_workers,

@@ -185,6 +185,27 @@ def read_background(cfg: DictConfig) -> CropSource | None:
     return CropSource(table, path.parent / "images")
 
 
+def dataset_column(cfg: DictConfig, root: Path, boxes: pd.DataFrame) -> np.ndarray:
+    """The data set of every box (``sources.csv`` of a combined folder), for ``data.sampling_weights``."""
+    from cytologia.data.combine import read_datasets
+
+    if cfg.classifier.multilabel:
+        raise CytologiaInputError("data.sampling_weights applies to crop classifiers; the multi-label model has none")
+    datasets = read_datasets(root)
+    if datasets is None:
+        raise CytologiaInputError(
+            f"data.sampling_weights is set but {root / 'sources.csv'} has no dataset column: combine the data sets "
+            "first (cytologia combine NAME=DIR ... --out DIR)"
+        )
+    unknown = sorted(set(cfg.data.sampling_weights) - set(datasets))
+    if unknown:
+        raise CytologiaInputError(
+            f"data.sampling_weights names data set(s) {', '.join(unknown)} that {root} does not hold "
+            f"({', '.join(sorted(set(datasets)))})"
+        )
+    return boxes["NAME"].map(datasets).fillna("").astype(str).to_numpy()
+
+
 def label_index(boxes: pd.DataFrame, label_names: list[str]) -> np.ndarray:
     """Label index of every box (-1 when its class is empty or not a label of the model)."""
     lookup = {name: i for i, name in enumerate(label_names)}
@@ -493,6 +514,7 @@ class CropItems:
             num_workers=t.num_workers,
             augment=augment,
             cache=c.cache,
+            sampling=None if cfg.data.sampling_weights is None else dict(cfg.data.sampling_weights),
         )
 
     def model_name(self, exp_name: str) -> str:
@@ -629,6 +651,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, object]:
     table = read_train(cfg, root)
     folds = ensure_folds(cfg, table, root)
     boxes = crop_boxes(cfg, table, folds)
+    if cfg.data.sampling_weights:
+        boxes["dataset"] = dataset_column(cfg, root, boxes)
     label_names = list(labels(cfg.classifier.background))
     background = read_background(cfg)
     images = None
