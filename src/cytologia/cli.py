@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "folds": ("cytologia.commands.folds", "source-aware, multilabel-stratified folds"),
     "baseline": ("cytologia.commands.baseline", "null-model submission: prior box and most frequent class"),
     "weights": ("cytologia.commands.weights", "register and check local weight files (models/manifest.json)"),
-    "export": ("cytologia.commands.export", "export a trained model to ONNX, verified against torch"),
+    "export": ("cytologia.commands.export", "a detector to ONNX (verified against torch); an ensemble as a bundle"),
     "clean": ("cytologia.commands.clean", "flag and remove noisy training boxes with out-of-fold detections"),
     "tune": ("cytologia.commands.tune", "tune the classifier ensemble's weights on out-of-fold logits"),
     "predict": ("cytologia.commands.predict", "detect, classify and write a validated submission (+ per-image output)"),
