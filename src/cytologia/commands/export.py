@@ -1,4 +1,5 @@
-"""`cytologia export detector --weights W --out model.onnx --img-size 512`: ONNX export, verified against torch.
+"""`cytologia export detector --weights W --out model.onnx --img-size 512`: ONNX export, verified against torch;
+`cytologia export ensemble --ensemble FILE --out DIR`: a portable inference bundle (:mod:`cytologia.ensemble.bundle`).
 
 The checkpoint may be of any detector backend: the backend is read from the file. After writing the graph the
 command runs it with ONNX Runtime next to the torch checkpoint on the same images (``--images DIR``, or a few
@@ -41,6 +42,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     det.add_argument("--threads", type=int, default=2, help="CPU threads for --bench (2)")
     det.add_argument("--bench-batch", type=int, default=1, help="images per forward pass for --bench (1)")
     det.add_argument("--report", type=Path, default=None, help="write the parity/bench results as JSON here")
+    ens = sub.add_parser(
+        "ensemble",
+        help="a portable inference bundle: ONNX files, ensemble file with relative paths, class list, checksums",
+        description="Write one self-contained folder that cytologia predict --ensemble DIR reads on another machine, "
+        "with the inference dependencies only (pip install 'cytologia[infer]': no torch). Models listed only as "
+        "checkpoints are exported to ONNX once. See docs/prediction.md.",
+    )
+    ens.add_argument("--ensemble", type=Path, required=True, help="ensemble file (cytologia tune) or a bundle")
+    ens.add_argument("--out", type=Path, required=True, help="bundle folder to write (must not exist, or be empty)")
+    ens.add_argument("--force", action="store_true", help="replace --out when it exists")
 
 
 def _images(folder: Path, n: int) -> list[Path]:
@@ -53,6 +64,11 @@ def _images(folder: Path, n: int) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.what == "ensemble":
+        from cytologia.ensemble.bundle import export_bundle
+
+        print(export_bundle(args.ensemble, args.out, overwrite=args.force).summary())
+        return 0
     from cytologia.detection.base import MAX_STRIDE
     from cytologia.detection.export import benchmark, export_detector, generated_images, verify_onnx
 

@@ -250,10 +250,16 @@ def backend_of_model(model: str) -> str:
 
 
 def agreed_backend(named: str, recorded: Mapping[str, str | None]) -> type[Detector]:
+    """The backend class of a set of detector files: :func:`agreed_backend_name`'s backend."""
+    return get_backend(agreed_backend_name(named, recorded))
+
+
+def agreed_backend_name(named: str, recorded: Mapping[str, str | None]) -> str:
     """The backend of a set of detector files, as the files record it (``recorded``: file -> its backend, None for a
     file that records none, e.g. a graph exported before graphs did). ``named`` (what a config or ensemble file
     says) must be a registered backend; it is used only when no file records one, and a file that records another
-    wins, with a warning. Files recording different backends are an error naming them."""
+    wins, with a warning. Files recording different backends are an error naming them. The backend's module is not
+    imported (ONNX Runtime prediction needs only its name)."""
     if named not in BACKENDS:
         raise _unknown_backend(named)
     names = {b for b in recorded.values() if b is not None}
@@ -261,9 +267,11 @@ def agreed_backend(named: str, recorded: Mapping[str, str | None]) -> type[Detec
         shown = ", ".join(f"{f}: {b}" for f, b in recorded.items())
         raise CytologiaInputError(f"detector files of different backends cannot be combined ({shown})")
     if not names:
-        return get_backend(named)
+        return named
     (name,) = names
     if name != named:
         files = ", ".join(str(f) for f, b in recorded.items() if b == name)
         log.warning("detector backend %r named, but %s record(s) %r: using %r", named, files, name, name)
-    return get_backend(name)
+    if name not in BACKENDS:
+        raise _unknown_backend(name)
+    return name

@@ -322,8 +322,13 @@ def ensemble_from_dict(data: Any, source: str = "<ensemble>", base_dir: Path | N
 
 
 def read_ensemble(path: str | Path) -> Ensemble:
-    """Read and check an ensemble file (``.json``, ``.yaml``/``.yml``)."""
+    """Read and check an ensemble file (``.json``, ``.yaml``/``.yml``), or an inference bundle folder
+    (:func:`cytologia.ensemble.bundle.read_bundle`: its checksums verified first)."""
     path = Path(path)
+    if path.is_dir():
+        from cytologia.ensemble.bundle import read_bundle
+
+        return read_bundle(path)
     if not path.is_file():
         raise CytologiaInputError(f"{path}: no such ensemble file")
     text = path.read_text()

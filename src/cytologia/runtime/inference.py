@@ -22,8 +22,10 @@ stages.
   flip TTA (the classification stage's ``+hflip`` OOF view). Members of weight 0 are not run.
 - **blend**: :func:`cytologia.ensemble.blend_probabilities` -- the rule the weights were tuned with.
 
-ONNX files missing from the ensemble file are exported in memory from the checkpoints at start-up (logged); the torch
-runtime needs the checkpoints.
+ONNX files missing from the ensemble file are exported from the checkpoints at start-up, once: kept next to each
+checkpoint (:func:`cached_onnx`; logged) and reused by the next call; the torch runtime needs the checkpoints. An
+inference bundle (``cytologia export ensemble``, :mod:`cytologia.ensemble.bundle`) holds only ONNX files: predicting
+from it with ONNX Runtime imports neither torch, Lightning nor ultralytics.
 """
 
 from __future__ import annotations
@@ -123,6 +125,37 @@ def _export_classifier_bytes(checkpoint: Path, img_size: int) -> bytes:
     module = ClassifierModule.from_checkpoint(checkpoint)
     with tempfile.TemporaryDirectory(prefix="cytologia-cls-") as tmp:
         return export_classifier_onnx(module.model, Path(tmp) / "classifier.onnx", img_size).read_bytes()
+
+
+ONNX_CACHE_SUFFIX = "px.onnx"  # <checkpoint>.<img_size>px.onnx: a checkpoint's graph, exported once
+
+
+def cached_onnx(checkpoint: Path, img_size: int, kind: str) -> Path | bytes:
+    """The ONNX graph of a ``kind`` (``detector`` | ``classifier``) checkpoint at ``img_size`` px, exported once:
+    ``<checkpoint>.<img_size>px.onnx`` next to it, reused while it is not older than the checkpoint (a checkpoint
+    written again is exported again). Returns that path, or the graph's bytes where the folder is not writable (then
+    it is exported in memory on every call, as before)."""
+    import os
+
+    checkpoint = Path(checkpoint)
+    target = checkpoint.with_name(f"{checkpoint.name}.{img_size}{ONNX_CACHE_SUFFIX}")
+    if not checkpoint.is_file():
+        raise CytologiaInputError(f"{checkpoint}: checkpoint not found")
+    if target.is_file() and target.stat().st_mtime_ns >= checkpoint.stat().st_mtime_ns:
+        log.info("%s: using its ONNX export %s", checkpoint, target.name)
+        return target
+    export = _export_detector_bytes if kind == "detector" else _export_classifier_bytes
+    log.info("%s: no ONNX file; exporting it at %d px (once: kept as %s)", checkpoint, img_size, target.name)
+    data = export(checkpoint, img_size)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        log.info("%s: cannot keep the export (%s); it stays in memory", target, err.strerror or err)
+        return data
+    return target
 
 
 def _checkpoint_img_size(checkpoint: Path) -> int | None:
@@ -295,7 +328,7 @@ class Pipeline:
         det = ensemble.detector
         self.det = det
         self.det_flip = det.tta_flip if tta_flip is None else tta_flip
-        self.detectors, self.detector_info, self.detector_cls = self._load_detectors()
+        self.detectors, self.detector_info, self.detector_backend = self._load_detectors()
         cells = [m for m in ensemble.cell_members]
         weights = ensemble.weights()
         self.members = [
@@ -311,9 +344,16 @@ class Pipeline:
         if int8 == "on":
             self._requantize_all()
 
+    @property
+    def detector_cls(self) -> Any:
+        """The detector backend's class (:mod:`cytologia.detection.registry`; importing it imports its framework)."""
+        from cytologia.detection.registry import get_backend
+
+        return get_backend(self.detector_backend)
+
     # -- loading
     def _set_threads(self) -> None:
-        if self.threads is not None:
+        if self.threads is not None and self.runtime == "torch":  # ONNX Runtime sessions take their own threads
             import torch
 
             torch.set_num_threads(int(self.threads))
@@ -323,14 +363,14 @@ class Pipeline:
 
         return OrtModel(source, device=self.device, threads=self.threads, trt_cache=self.trt_cache, name=name)
 
-    def _load_detectors(self) -> tuple[list[Network], list[dict[str, object]], Any]:
-        """The detector's networks (fold models), their descriptions, and the backend class that decodes their
-        output: the backend the files record (:func:`cytologia.detection.registry.agreed_backend`)."""
+    def _load_detectors(self) -> tuple[list[Network], list[dict[str, object]], str]:
+        """The detector's networks (fold models), their descriptions, and the backend whose rule decodes their
+        output: the one the files record (:func:`cytologia.detection.registry.agreed_backend_name`)."""
         from cytologia.detection.export import graph_backend
-        from cytologia.detection.registry import agreed_backend, load_detector
+        from cytologia.detection.registry import agreed_backend_name
 
         det = self.det
-        agreed_backend(det.backend, {})  # an unknown backend name fails before any model is loaded
+        agreed_backend_name(det.backend, {})  # an unknown backend name fails before any model is loaded
         nets: list[Network] = []
         info: list[dict[str, object]] = []
         recorded: dict[str, str | None] = {}
@@ -340,9 +380,7 @@ class Pipeline:
                 if not det.checkpoints:
                     raise CytologiaInputError("detector: the ensemble file lists neither onnx files nor checkpoints")
                 for ckpt in det.checkpoints:
-                    log.info("detector %s: no ONNX file; exporting it in memory at %d px", ckpt, det.img_size)
-                    data = _export_detector_bytes(self.ensemble.resolve(ckpt), det.img_size)
-                    sources.append((data, ckpt))
+                    sources.append((cached_onnx(self.ensemble.resolve(ckpt), det.img_size, "detector"), ckpt))
             for source, label in sources:
                 model = self._ort(source, f"detector {label}")
                 nets.append(model)
@@ -351,6 +389,8 @@ class Pipeline:
         else:
             if not det.checkpoints:
                 raise CytologiaInputError("detector: the torch runtime needs checkpoints; the ensemble file has none")
+            from cytologia.detection.registry import load_detector
+
             device = _torch_device(self.device)
             for ckpt in det.checkpoints:
                 detector = load_detector(self.ensemble.resolve(ckpt))
@@ -359,7 +399,7 @@ class Pipeline:
                 # the module itself: run under fp16 autocast on CUDA
                 nets.append(_torch_network(detector.network(where), device, numpy_out=False))
                 info.append({"name": f"detector {ckpt}", "device": str(device), "precision": _torch_precision(device)})
-        return nets, info, agreed_backend(det.backend, recorded)
+        return nets, info, agreed_backend_name(det.backend, recorded)
 
     def _load_member(self, spec: MemberSpec, weight: float) -> _Member:
         nets: list[Network] = []
@@ -370,8 +410,7 @@ class Pipeline:
                 if not spec.checkpoints:
                     raise CytologiaInputError(f"member {spec.name}: neither onnx files nor checkpoints in the ensemble")
                 for ckpt in spec.checkpoints:
-                    log.info("member %s: no ONNX file; exporting %s in memory", spec.name, ckpt)
-                    sources.append((_export_classifier_bytes(self.ensemble.resolve(ckpt), spec.img_size), ckpt))
+                    sources.append((cached_onnx(self.ensemble.resolve(ckpt), spec.img_size, "classifier"), ckpt))
             for source, label in sources:
                 model = self._ort(source, f"{spec.name} {label}")
                 _check_input(model.input_shape, spec, label)
@@ -461,11 +500,18 @@ class Pipeline:
     def _raw_boxes(self, images: list[np.ndarray], names: list[str]) -> list[np.ndarray]:
         """Per image an (k, 5) array ``x1, y1, x2, y2, score`` in its own pixels: NMS of each pass, fused by WBF when
         there are several passes (fold models x flip); boxes without area dropped."""
+        from cytologia.detection.decode import decode_raw
         from cytologia.detection.fusion import weighted_box_fusion
-        from cytologia.detection.letterbox import letterbox, to_input
+        from cytologia.detection.letterbox import letterbox, map_back, to_input
 
         det = self.det
-        boxes_from_output = self.detector_cls.boxes_from_output
+        if self.runtime == "onnx":  # numpy decoding, the backends' rule (cytologia.detection.decode): no torch
+
+            def boxes_from_output(raw: Any, frames: Any, size: int, *, flipped: bool, **kw: Any) -> list[np.ndarray]:
+                return map_back(decode_raw(raw, **kw), frames, size, flipped)
+
+        else:
+            boxes_from_output = self.detector_cls.boxes_from_output
         boxed = [letterbox(im, det.img_size) for im in images]
         squares, frames = [b[0] for b in boxed], [b[1] for b in boxed]
         passes: list[tuple[str, list[np.ndarray]]] = []
@@ -552,7 +598,7 @@ class Pipeline:
         self, images: list[np.ndarray], image: np.ndarray, xyxy: np.ndarray, size: int, margin: float
     ) -> np.ndarray:
         """Crops of boxes ``xyxy`` of ``images[image[i]]``: (n, 3, size, size) float32, RGB, ImageNet-normalised."""
-        from cytologia.classification.crops import IMAGENET_MEAN, IMAGENET_STD, crop_with_margin
+        from cytologia.classification.geometry import IMAGENET_MEAN, IMAGENET_STD, crop_with_margin
 
         out = np.empty((len(xyxy), 3, size, size), dtype=np.float32)
         mean = np.asarray(IMAGENET_MEAN, np.float32) * 255.0
@@ -565,8 +611,7 @@ class Pipeline:
     def _whole_images(self, images: list[np.ndarray], size: int) -> np.ndarray:
         """The multi-label member's input: each whole image letterboxed with its border colour, RGB, normalised --
         :class:`cytologia.classification.fullimage` 's preprocessing, which it was trained with."""
-        from cytologia.classification.crops import IMAGENET_MEAN, IMAGENET_STD
-        from cytologia.classification.fullimage import letterbox
+        from cytologia.classification.geometry import IMAGENET_MEAN, IMAGENET_STD, letterbox
 
         mean = np.asarray(IMAGENET_MEAN, np.float32) * 255.0
         inv_std = 1.0 / (np.asarray(IMAGENET_STD, np.float32) * 255.0)
