@@ -20,7 +20,23 @@ from cytologia.ensemble.bundle import CHECKSUMS_FILE, CLASSES_FILE, ENSEMBLE_FIL
 from cytologia.errors import CytologiaInputError
 from cytologia.runtime.inference import ONNX_CACHE_SUFFIX
 
-BLOCKED = ("torch", "torchvision", "lightning", "pytorch_lightning", "lightning_fabric", "timm", "ultralytics")
+# The top-level modules of the `train` extra (pyproject.toml) and of ultralytics: none may be needed to predict.
+BLOCKED = (
+    "torch",
+    "torchvision",
+    "lightning",
+    "pytorch_lightning",
+    "lightning_fabric",
+    "timm",
+    "ultralytics",
+    "scipy",
+    "sklearn",
+    "iterstrat",
+    "hydra",
+    "omegaconf",
+    "albumentations",
+    "matplotlib",
+)
 # A fresh interpreter in which the training frameworks cannot be imported (a meta-path finder refuses them), running
 # `cytologia predict`; it fails if any of them was asked for, and says which.
 NO_TORCH = f"""

@@ -22,7 +22,12 @@ from cytologia.errors import CytologiaInputError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, help="folder with test.csv and images/")
-    parser.add_argument("--ensemble", type=Path, required=True, help="ensemble file (cytologia tune)")
+    parser.add_argument(
+        "--ensemble",
+        type=Path,
+        required=True,
+        help="ensemble file (cytologia tune), or an inference bundle folder (cytologia export ensemble)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="submission CSV to write (needs test.csv)")
     parser.add_argument("--mode", choices=("known-count", "open-world"), default="known-count")
     parser.add_argument("--runtime", choices=("onnx", "torch"), default="onnx", help="network back-end (onnx)")

@@ -24,8 +24,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from cytologia.data.images import imread, thread_map
 from cytologia.data.schema import BOX_COLUMNS
@@ -164,6 +162,9 @@ def near_pairs(hashes: np.ndarray, threshold: int) -> tuple[np.ndarray, np.ndarr
 
 def _components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
     """Group id per node (0..G-1 in order of first member) for groups of >= 2 nodes; -1 for singletons."""
+    from scipy.sparse import coo_matrix  # here, not at the top: prediction imports this module (clip_boxes) without
+    from scipy.sparse.csgraph import connected_components  # scipy, a training dependency (cytologia[infer])
+
     out = np.full(n, -1, np.int64)
     if n == 0:
         return out
