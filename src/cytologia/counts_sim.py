@@ -2,12 +2,13 @@
 training anything (``scripts/eval_calibration.py``, ``tests/test_counts.py``).
 
 A smear is a vector of class shares ``pi`` drawn around a profile (:data:`PROFILES`: normal blood, blast-rich,
-lymphoma-rich; every class keeps a small share, so a true share is never exactly 0). Its ``n`` cells draw their
-class from ``pi``; each cell's classifier output is the exact Bayes posterior of a Gaussian model -- features
-``x ~ N(separation * e_y, I)`` in 23 dimensions, the hard pairs of :data:`cytologia.data.schema.HARD_GROUPS` closer
-together -- under the *training* class shares ``prior``: ``p(y | x) ∝ prior_y N(x; mu_y, I)``. So the probabilities
-are calibrated for data with the training mix, as a temperature-scaled classifier is on out-of-fold boxes, and are
-shifted on a smear whose mix differs -- the situation the count's prior shift corrects.
+lymphoma-rich, borderline blasts; every class keeps a small share, so a true share is never exactly 0). Its ``n``
+cells draw their class from ``pi``; each cell's classifier output is the exact Bayes posterior of a Gaussian model --
+features ``x ~ N(separation * e_y, I)`` in 23 dimensions, the hard pairs of
+:data:`cytologia.data.schema.HARD_GROUPS` closer together -- under the *training* class shares ``prior``:
+``p(y | x) ∝ prior_y N(x; mu_y, I)``. So the probabilities are calibrated for data with the training mix, as a
+temperature-scaled classifier is on out-of-fold boxes, and are shifted on a smear whose mix differs -- the situation
+the count's prior shift corrects.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ PROFILES: dict[str, dict[str, float]] = {
     "normal": {"PNN": 0.58, "LY": 0.28, "MO": 0.06, "EO": 0.03, "BA": 0.01, "LGL": 0.02, "Thromb": 0.01, "Lysee": 0.01},
     "blasts": {"PNN": 0.35, "LY": 0.2, "MO": 0.05, "B": 0.12, "MBL": 0.12, "MoB": 0.04, "LyB": 0.04, "Lysee": 0.02},
     "lymphoma": {"PNN": 0.35, "LY": 0.15, "MO": 0.04, "LLC": 0.2, "LM": 0.08, "LZMG": 0.08, "LF": 0.05, "SS": 0.02},
+    # borderline: blasts around the usual 5 % flag threshold, so a flag's sensitivity and specificity mean something
+    "borderline": {"PNN": 0.55, "LY": 0.28, "MO": 0.06, "EO": 0.03, "B": 0.02, "MBL": 0.02, "MoB": 0.005, "LyB": 0.005},
 }
 
 
