@@ -213,7 +213,8 @@ def _two_stage(cfg: DictConfig, run_dir: Path, root: Path, steps: Any, sub_path:
         )
         steps("crop detector", crop_boxes, lambda: _crop_detector(crop_cfg, cls_root, crop_dir))
     bg_dir = run_dir / "background"
-    steps("background", bg_dir / "background.csv", lambda: _background(cfg, root, clean_dir, bg_dir))
+    applied = cls_root != root  # cleaning kept enough boxes to be used (else its flags are a weak detector's)
+    steps("background", bg_dir / "background.csv", lambda: _background(cfg, root, clean_dir, bg_dir, applied))
 
     members = []
     for sub in member_configs(cfg, cls_root, bg_dir / "background.csv", crop_boxes):
@@ -474,8 +475,10 @@ def _classifier(cfg: DictConfig, out: Path) -> None:
     run_classifier(cfg, out)
 
 
-def _background(cfg: DictConfig, root: Path, clean_dir: Path, out: Path) -> None:
-    """Cell-free images from training images the cleaning did not flag (a missed cell would stay in the picture)."""
+def _background(cfg: DictConfig, root: Path, clean_dir: Path, out: Path, cleaning_applied: bool = True) -> None:
+    """Cell-free images from training images the cleaning did not flag (a missed cell would stay in the picture).
+    When the cleaning was not applied (its detector too weak, see :func:`_cleaned_or_original`), its flags are not
+    used either: they would exclude nearly every image."""
     import pandas as pd
 
     from cytologia.data.prepare import read_folds
@@ -487,7 +490,7 @@ def _background(cfg: DictConfig, root: Path, clean_dir: Path, out: Path) -> None
         return
     exclude: list[str] = []
     report = clean_dir / "cleaning_report.csv"
-    if report.is_file():
+    if report.is_file() and cleaning_applied:
         flagged = pd.read_csv(report, dtype={"NAME": str}, keep_default_na=False)
         if "flag" in flagged.columns:
             exclude = sorted(set(flagged.loc[flagged["flag"].astype(str) != "", "NAME"]))
