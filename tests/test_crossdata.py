@@ -122,4 +122,8 @@ def test_evaluate_across_two_generated_sets(two_sets: tuple[Path, Path], tmp_pat
     assert [result["per_class"][c]["f1"] for c in shared] == pytest.approx(f1.tolist())
     assert result["macro_f1_shared"] == pytest.approx(float(np.mean(f1)))
     assert result["n_scored"] == int(scored.sum()) and result["n_test"] == len(plain)
+    assert result["accuracy_shared"] == pytest.approx(float((truth[scored] == pred[scored]).mean()))
+    test_boxes = boxes[boxes["NAME"].str.startswith("test__")]
+    support = test_boxes["class"].value_counts()
+    assert {c: result["per_class"][c]["support"] for c in shared} == {c: int(support[c]) for c in shared}
     assert (out / "per_class.csv").is_file() and (out / "config.yaml").is_file()

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 RESULT_FILE = "cross_eval.json"
 PER_CLASS_FILE = "per_class.csv"
+LOG_FILE = "evaluate.log"  # the run's log: Lightning's info lines
 EXP_NAME = "cross"
 TEST_FOLD, TRAIN_FOLD = 0, 1
 
@@ -105,6 +106,26 @@ def shared_class_scores(
     return per_class, float(np.mean(f)), accuracy, int(scored.sum())
 
 
+def _train_quietly(cfg: DictConfig, items: object, out: Path, image_dir: Path, label_names: list[str]) -> None:
+    """The classifier stage's fold training, its console as ``train.py``'s: Lightning's info lines and libjpeg's
+    warnings go to ``out/evaluate.log`` and ``out/jpeg_warnings.csv`` (one summary line on the console)."""
+    from cytologia.classification.stage import train_fold
+    from cytologia.console import route_lightning_logs
+    from cytologia.data.images import JPEG_WARNINGS_FILE, capture_jpeg_warnings
+
+    root = logging.getLogger()
+    handler = logging.FileHandler(out / LOG_FILE)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    try:
+        route_lightning_logs()
+        with capture_jpeg_warnings(out / JPEG_WARNINGS_FILE, label="cross-data-set"):
+            train_fold(cfg, items, TEST_FOLD, out / f"fold_{TEST_FOLD}", image_dir, label_names)  # type: ignore[arg-type]
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
 def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
     """``configs/train.yaml`` of the checkout composed with ``overrides`` (Hydra syntax), validated."""
     from hydra import compose, initialize_config_dir
@@ -134,7 +155,7 @@ def evaluate_cross(
     from omegaconf import OmegaConf
 
     from cytologia.classification.oof import logits_of, read_oof
-    from cytologia.classification.stage import CropItems, train_fold
+    from cytologia.classification.stage import CropItems
     from cytologia.config import check_config
     from cytologia.data.combine import combine_folders, read_datasets
     from cytologia.data.io import read_annotations
@@ -158,7 +179,7 @@ def evaluate_cross(
     boxes = table[["NAME", "box_id", *BOX_COLUMNS, "class"]].copy()
     boxes["fold"] = np.where(dataset == "test", TEST_FOLD, TRAIN_FOLD).astype(np.int64)
     label_names = list(CLASSES)
-    train_fold(cfg, CropItems(boxes), TEST_FOLD, out / f"fold_{TEST_FOLD}", data / "images", label_names)
+    _train_quietly(cfg, CropItems(boxes), out, data / "images", label_names)
 
     oof = read_oof(out / f"fold_{TEST_FOLD}" / "oof_logits.csv")
     plain = oof[oof["model"] == EXP_NAME]
