@@ -89,7 +89,7 @@ def test_combine_keeps_the_data_set(two_sets: tuple[Path, Path], tmp_path: Path)
     assert test_only not in summary["seta"]["classes"] and train_only not in summary["setb"]["classes"]
     assert table["NAME"].str.startswith(("seta__", "setb__")).all()
     assert read_datasets(a) is None  # a plain folder: one data set
-    with pytest.raises(CytologiaInputError, match="not empty"):
+    with pytest.raises(CytologiaInputError, match="not an empty folder"):
         combine_folders({"a": a}, tmp_path / "both")
 
 

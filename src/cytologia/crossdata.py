@@ -32,6 +32,7 @@ from omegaconf import DictConfig
 
 from cytologia.data.schema import BOX_COLUMNS, CLASSES
 from cytologia.errors import CytologiaInputError
+from cytologia.paths import require_new_folder
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +163,7 @@ def evaluate_cross(
     from cytologia.provenance import write_run_info
 
     train, test, out = Path(train), Path(test), Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise CytologiaInputError(f"{out} exists and is not empty: evaluate into a new folder")
+    require_new_folder(out, "evaluate")
     data = out / "data"
     combine_folders({"train": train, "test": test}, data, lenient=lenient)
     fixed = [f"data.root={data}", "data.synthetic=false", "folds.k=2", f"fold={TEST_FOLD}", f"exp_name={EXP_NAME}"]

@@ -35,3 +35,14 @@ def real_data_dir() -> Path | None:
         return Path(env)
     root = project_root()
     return None if root is None else root.parent / "shared" / "data" / "cytologia"
+
+
+def require_new_folder(path: str | Path, what: str) -> Path:
+    """``path`` when it does not exist or is an empty folder (a command writing a new data or run folder); otherwise a
+    :class:`~cytologia.errors.CytologiaInputError` saying so -- nothing is ever written over."""
+    from cytologia.errors import CytologiaInputError
+
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise CytologiaInputError(f"{path} exists and is not an empty folder: {what} into a new folder")
+    return path

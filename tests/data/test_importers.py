@@ -130,7 +130,7 @@ def test_folder_bad_files_strict_and_lenient(tmp_path: Path) -> None:
     assert report.skipped == {"malformed": 1, "unknown_class": 1, "unreadable_image": 1}
     assert report.boxes_kept == 1 and len(pd.read_csv(tmp_path / "out" / "skipped.csv")) == 3
     _validates(tmp_path / "out")
-    with pytest.raises(CytologiaInputError, match="not empty"):
+    with pytest.raises(CytologiaInputError, match="not an empty folder"):
         import_dataset("folder", src, tmp_path / "out", ImportOptions(class_map="raabin", lenient=True))
 
 

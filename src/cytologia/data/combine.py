@@ -20,6 +20,7 @@ import pandas as pd
 from cytologia.data.importers.core import SOURCES_COLUMNS, dataset_name, output_name, place_image
 from cytologia.data.schema import BOX_COLUMNS
 from cytologia.errors import CytologiaInputError, ValidationError
+from cytologia.paths import require_new_folder
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +67,7 @@ def combine_folders(
     names = {dataset_name(k, Path(k)): Path(v) for k, v in parts.items()}
     if len(names) != len(parts):
         raise CytologiaInputError(f"data set names {list(parts)} collide once lower-cased")
-    if out.exists() and any(out.iterdir()):
-        raise CytologiaInputError(f"{out} exists and is not empty: combine into a new folder")
+    require_new_folder(out, "combine")
     tables, summary = [], {}
     for dataset, folder in names.items():
         if not (folder / "images").is_dir():

@@ -46,6 +46,7 @@ from cytologia.data.importers.cellbox import BOX_MODES, Box, detector_boxes, thr
 from cytologia.data.importers.class_maps import NEEDS_SUBTYPE, ClassMap, get_class_map
 from cytologia.data.schema import BOX_COLUMNS, TRAIN_COLUMNS
 from cytologia.errors import CytologiaInputError, ValidationError
+from cytologia.paths import require_new_folder
 
 log = logging.getLogger(__name__)
 
@@ -353,8 +354,7 @@ def import_dataset(fmt: str, src: str | Path, out: str | Path, options: ImportOp
         raise CytologiaInputError(f"box mode {options.box!r} is not one of: {', '.join(BOX_MODES)}")
     if not src.exists():
         raise CytologiaInputError(f"{src}: no such file or folder")
-    if out.exists() and any(out.iterdir()):
-        raise CytologiaInputError(f"{out} exists and is not empty: import into a new folder")
+    require_new_folder(out, "import")
     class_map = get_class_map(options.class_map)
     dataset = dataset_name(options.dataset, src)
     image_labels = read_image_labels(Path(options.image_labels)) if options.image_labels is not None else None
