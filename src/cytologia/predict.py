@@ -132,7 +132,7 @@ def predict_folder(
     if mode == "known-count" and test is None:
         raise CytologiaInputError(f"{data / 'test.csv'}: known-count mode needs it (or use --mode open-world)")
     ens = read_ensemble(ensemble) if isinstance(ensemble, (str, Path)) else ensemble
-    job = _Job(
+    job = PredictJob(
         ens,
         dict(
             runtime=runtime,
@@ -213,7 +213,7 @@ def distributed_rank() -> tuple[int, int]:
 
 
 @dataclass
-class _Job:
+class PredictJob:
     """One prediction, picklable: what a shard process needs to build the pipeline and predict its slice."""
 
     ensemble: Ensemble

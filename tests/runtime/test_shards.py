@@ -99,3 +99,17 @@ def test_torchrun_two_ranks_equal_one_process(yolox_tiny, data_with_a_bad_image:
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 shards (torchrun, 2 ranks)" in done.stdout and "rank 1/2: slice sent to rank 0" in done.stdout
     assert _outputs(out) == one_process
+
+
+def test_each_torchrun_rank_takes_its_own_gpu(monkeypatch) -> None:
+    from cytologia.runtime.shards import _narrow_gpus
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    _narrow_gpus(1)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    _narrow_gpus(1)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "5"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    with pytest.raises(CytologiaInputError, match="LOCAL_RANK 2: only 2 GPU"):
+        _narrow_gpus(2)

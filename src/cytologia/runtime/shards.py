@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import pandas as pd
@@ -28,7 +29,7 @@ import pandas as pd
 from cytologia.errors import CytologiaInputError
 
 if TYPE_CHECKING:
-    from cytologia.predict import _Job
+    from cytologia.predict import PredictJob
     from cytologia.runtime.inference import PipelineResult
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def merge_results(parts: list[PipelineResult], wall_seconds: float, mode: str) -
     return PipelineResult(boxes, sizes, timings, wall_seconds, info, problems, names)
 
 
-def predict_sharded(job: _Job, shards: int, rank: int, world: int) -> PipelineResult | None:
+def predict_sharded(job: PredictJob, shards: int, rank: int, world: int) -> PipelineResult | None:
     """Predict ``job`` in ``shards`` local processes (``world`` == 1) or as rank ``rank`` of a ``torchrun`` group of
     ``world``; returns the merged result (None on a rank other than 0)."""
     start = time.perf_counter()
@@ -75,17 +76,17 @@ def predict_sharded(job: _Job, shards: int, rank: int, world: int) -> PipelineRe
     return _local(job, shards, start)
 
 
-def _run_part(job: _Job, part: slice, progress: bool | None) -> PipelineResult:
+def _run_part(job: PredictJob, part: slice, progress: bool | None) -> PipelineResult:
     return job.run(part, progress=progress)[0]
 
 
-def _local(job: _Job, shards: int, start: float) -> PipelineResult:
+def _local(job: PredictJob, shards: int, start: float) -> PipelineResult:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     slices = shard_slices(len(job.paths), int(job.pipeline["batch_size"]), shards)
     if job.pipeline.get("threads") is None:  # the cores shared out, not each process taking them all
-        job.pipeline["threads"] = max(1, (os.cpu_count() or 1) // shards)
+        job = replace(job, pipeline={**job.pipeline, "threads": max(1, (os.cpu_count() or 1) // shards)})
     ctx = multiprocessing.get_context("spawn")  # fork would copy the parent's ONNX Runtime / OpenMP thread state
     with ProcessPoolExecutor(max_workers=shards, mp_context=ctx) as pool:
         progress = job.predict.get("progress")
@@ -94,7 +95,7 @@ def _local(job: _Job, shards: int, start: float) -> PipelineResult:
     return merge_results(parts, time.perf_counter() - start, "processes")
 
 
-def _torchrun(job: _Job, rank: int, world: int, start: float) -> PipelineResult | None:
+def _torchrun(job: PredictJob, rank: int, world: int, start: float) -> PipelineResult | None:
     try:
         import torch.distributed as dist
     except ImportError:
