@@ -9,6 +9,10 @@ challenge's F1 part on the out-of-fold logits, with the held-out check printed (
 ``--detector`` adds the detector (a detection run folder or a ``detector.pt``) so that the file is ready for
 ``cytologia predict``.
 
+The same OOF boxes fit the calibration (``--no-calibration``: skipped): one temperature per member and one for the
+ensemble, and the refer-to-expert threshold for at most ``--target-error`` errors on the boxes kept
+(:mod:`cytologia.calibration`, docs/calibration_and_counts.md).
+
 The fold checkpoints put in the ensemble are those that wrote the OOF logits (``oof_checkpoint`` of the run's
 ``summary.json``; ``best_checkpoint`` for runs from before ``trainer.select``). Which choice that was -- ``last``, or
 ``best_val``, which peeked at the held-out fold and makes the OOF figures optimistic -- is kept in the ensemble
