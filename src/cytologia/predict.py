@@ -120,6 +120,7 @@ def predict_folder(
     ``shards`` > 1 predicts in that many local processes, or under ``torchrun`` (``WORLD_SIZE`` > 1) each rank
     predicts its slice: :mod:`cytologia.runtime.shards`; the outputs are written once (by rank 0), the same bytes as
     one process."""
+    from cytologia.data.images import capture_jpeg_warnings
     from cytologia.data.io import write_submission
     from cytologia.ensemble import read_ensemble
     from cytologia.runtime.inference import submission_table, write_per_image
@@ -150,27 +151,32 @@ def predict_folder(
     )
     rank, world = distributed_rank()
     if world > 1 or shards > 1:
-        from cytologia.runtime.shards import predict_sharded
-
         if int8 == "measure":
             raise CytologiaInputError("--int8 measure decides per process: with shards use --int8 on or off")
-        result = predict_sharded(job, shards, rank, world)
-        if result is None:  # a torchrun rank other than 0: its slice went to rank 0, which writes the outputs
-            return Prediction(job.empty_result(), mode, None, [f"rank {rank}/{world}: slice sent to rank 0"])
-        lines: list[str] = [f"{result.info['shards']} shards ({result.info['shard_mode']}), gathered in one table"]
-    else:
-        result, lines = job.run()
+    # libjpeg's warnings (truncated, corrupt JPEGs: decoded, damaged) kept off the console, counted and listed
+    jpeg_path = _side_path(out, boxes_out, report, data, JPEG_SUFFIX)
+    with capture_jpeg_warnings(jpeg_path if rank == 0 else None, label="predict") as jpeg:
+        if world > 1 or shards > 1:
+            from cytologia.runtime.shards import predict_sharded
+
+            result = predict_sharded(job, shards, rank, world)
+            if result is None:  # a torchrun rank other than 0: its slice went to rank 0, which writes the outputs
+                return Prediction(job.empty_result(), mode, None, [f"rank {rank}/{world}: slice sent to rank 0"])
+            lines: list[str] = [f"{result.info['shards']} shards ({result.info['shard_mode']}), gathered in one table"]
+        else:
+            result, lines = job.run()
     ms = 1000.0 * result.wall_seconds / max(len(names), 1)
     rate = len(names) / max(result.wall_seconds, 1e-9)
     lines.append(
         f"{len(names)} images in {result.wall_seconds:.1f} s ({ms:.1f} ms/image, {rate:.1f} images/s, {runtime}, "
         f"{mode})"
     )
-    problems_path = None
     if result.problems:
-        problems_path = _problems_path(out, boxes_out, report, data)
+        problems_path = _side_path(out, boxes_out, report, data, PROBLEMS_SUFFIX)
         write_problems(result, problems_path)
         lines.append(problem_summary(result, fallback, problems_path))
+    if jpeg.n_messages:
+        lines.append(jpeg.summary("predict", jpeg_path))
     table = None
     if test is not None:
         table = submission_table(result.rows("known-count"), test)
@@ -197,6 +203,7 @@ def predict_folder(
             "fallback_class": fallback,
             "n_fallback_images": len(result.problems),
             "image_problems": [p.as_dict() for p in result.problems.values()],
+            "jpeg_warnings": {Path(k).name: v for k, v in jpeg.per_image.items()},
         }
         report.write_text(json.dumps(info, indent=1, default=str) + "\n")
     return Prediction(result, mode, table, lines)
@@ -243,16 +250,19 @@ class PredictJob:
 
 
 PROBLEMS_SUFFIX = "_image_problems.csv"  # the list of fallback images, next to the submission
+JPEG_SUFFIX = "_jpeg_warnings.csv"  # the images libjpeg warned about (decoded), next to the submission
 
 
-def _problems_path(out: str | Path | None, boxes_out: str | Path | None, report: str | Path | None, data: Path) -> Path:
-    """Where the list of fallback images goes: next to the first of the submission, the per-image output and the
-    report that is written (``<stem>_image_problems.csv``), else in the data folder's parent."""
+def _side_path(
+    out: str | Path | None, boxes_out: str | Path | None, report: str | Path | None, data: Path, suffix: str
+) -> Path:
+    """Where a list of images goes: next to the first of the submission, the per-image output and the report that is
+    written (``<stem><suffix>``), else in the data folder's parent."""
     for target in (out, boxes_out, report):
         if target is not None:
             target = Path(target)
-            return target.with_name(target.stem + PROBLEMS_SUFFIX)
-    return data.parent / ("predictions" + PROBLEMS_SUFFIX)
+            return target.with_name(target.stem + suffix)
+    return data.parent / ("predictions" + suffix)
 
 
 def write_problems(result: PipelineResult, path: Path) -> Path:

@@ -20,7 +20,7 @@ from cytologia.data.images import decode
 from cytologia.data.io import read_submission, read_test
 from cytologia.detection.fusion import pad_candidates
 from cytologia.errors import CytologiaInputError
-from cytologia.predict import PROBLEMS_SUFFIX, predict_folder, prior_class
+from cytologia.predict import JPEG_SUFFIX, PROBLEMS_SUFFIX, predict_folder, prior_class
 from cytologia.runtime.inference import FALLBACK_CLASS, FALLBACK_FRAME, Pipeline
 
 STORED = (192, 128)  # (w, h) of the stored pixel array of the small cases (non-square: a rotation would show)
@@ -141,6 +141,11 @@ def test_the_summary_counts_the_fallback_images(yolox_tiny, bad_set: Path, tmp_p
     assert line.startswith(f"{len(FALLBACK)} of {len(READ) + len(FALLBACK)} image(s)")
     assert "3 unreadable" in line and "1 missing" in line and "class LY" in line
     assert set(pred.submission.loc[pred.submission["NAME"].isin(FALLBACK), "class"]) == {"LY"}
+    # the truncated JPEG is read (grey rows, as in training), and libjpeg's warning is counted and listed, not printed
+    line = next(x for x in pred.lines if "decoded with JPEG warnings" in x)
+    assert line.startswith("predict: ") and f"s{JPEG_SUFFIX}" in line
+    assert "truncated.jpg" in " ".join(pd.read_csv(tmp_path / f"s{JPEG_SUFFIX}")["image"])
+    assert "truncated.jpg" not in pred.result.problems
     fb = pred.result.boxes[pred.result.boxes["NAME"].isin(FALLBACK)]
     assert fb["source"].str.startswith("fallback:").all() and (fb["p_LY"] == 1.0).all()
 
