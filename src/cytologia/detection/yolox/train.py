@@ -25,6 +25,13 @@ NMS, boxes in each image's pixels) and are scored with the challenge's box term 
 (:func:`cytologia.detection.oof.known_count_giou`); the best epoch (the last one reaching the maximum) is
 ``best.pt``. With ``time_limit_s`` the run is re-planned after each epoch so that it ends within the limit (fewer
 epochs, schedule compressed to fit), as ultralytics' ``time`` argument does.
+
+Several processes (DDP, on one machine): ``detector.device`` listing GPUs (``"0,1"``) trains one process per GPU
+(NCCL); ``train_args.ddp_processes: N`` trains N CPU processes (gloo: tests, CPU servers). :func:`fit` spawns them;
+each takes its shard of the training images per epoch (``DistributedSampler``, ``batch_size`` images per process and
+step: the effective batch is ``batch_size x processes``), gradients are averaged, and rank 0 alone evaluates, selects
+and writes checkpoints; the others follow its decisions (early stop, re-planned epochs). The rest of the detector
+stage (OOF boxes, metrics) runs once, in the calling process.
 """
 
 from __future__ import annotations
@@ -33,11 +40,14 @@ import csv
 import dataclasses
 import logging
 import math
+import pickle
 import shutil
+import socket
 import time
 from collections.abc import Mapping, Sequence
 from copy import deepcopy
 from dataclasses import dataclass, field, fields
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +78,7 @@ OPTIMIZERS: tuple[str, ...] = ("SGD", "AdamW", "Adam")
 EMA_TAU = 2000.0  # updates over which the EMA decay ramps up to ema_decay
 VAL_CONF = 0.001  # score floor when scoring the held-out fold: known-count keeps the top-N whatever their score
 VAL_MAX_DET = 50
+DDP_TIMEOUT = timedelta(hours=1)  # longest a DDP rank waits for the others (rank 0's evaluation included)
 
 
 @dataclass
@@ -91,6 +102,7 @@ class YoloxTrainArgs:
     assign_mode: str = "center"  # SimOTA prior: "center" | "box_and_center" (the 0.3.0 release's), see yolox.assign
     center_radius: float = 0.0  # SimOTA centre region in strides; 0: the mode's default (1.5 / 2.5)
     val_batch: int = 0  # images per batch when scoring the held-out fold; 0: batch_size
+    ddp_processes: int = 0  # > 1: DDP over this many CPU processes (gloo); GPUs: list them in detector.device
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,6 +168,7 @@ def parse_train_args(extra: Mapping[str, Any]) -> YoloxTrainArgs:
         "val_batch",
         "center_radius",
         "precise_bn_images",
+        "ddp_processes",
     )
     for key in nonneg:
         if getattr(args, key) < 0:
@@ -392,26 +405,160 @@ def evaluate(
 
 
 # ------------------------------------------------------------------------------------------------------ training
+@dataclass(frozen=True)
+class DdpRank:
+    """This process's place in a DDP run: rank, number of processes, its device."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+
+def ddp_plan(device: str, processes: int) -> list[str]:
+    """The devices of a DDP run, one per process (empty: one process): the GPUs ``device`` lists (``"0,1"``,
+    ``"cuda:0,cuda:1"``), or ``processes`` CPU processes when ``processes > 1``."""
+    listed = [d.strip() for d in str(device).split(",") if d.strip()]
+    if len(listed) > 1:
+        if processes > 1:
+            raise CytologiaInputError(
+                f"detector.device={device!r} lists GPUs and train_args.ddp_processes={processes}: give one of them"
+            )
+        gpus = [f"cuda:{d}" if d.isdigit() else d for d in listed]
+        if not all(g.startswith("cuda:") for g in gpus):
+            raise CytologiaInputError(f"detector.device={device!r}: a list must name CUDA devices (0,1 or cuda:0,...)")
+        if not torch.cuda.is_available() or torch.cuda.device_count() <= max(int(g[5:]) for g in gpus):
+            raise CytologiaInputError(f"detector.device={device!r}: torch sees {torch.cuda.device_count()} GPU(s)")
+        return gpus
+    if processes > 1:
+        if resolve_device(device, key="detector.device").type != "cpu":
+            raise CytologiaInputError(
+                f"train_args.ddp_processes={processes} runs CPU processes; for GPUs list them in detector.device "
+                f'(e.g. "0,1") instead of {device!r}, or set detector.device=cpu'
+            )
+        return ["cpu"] * processes
+    return []
+
+
 def fit(
     model: YOLOX, name: str, data: DetectionData, out_dir: Path, settings: TrainSettings, args: YoloxTrainArgs
 ) -> TrainResult:
     """Train ``model`` on the folds but ``data.fold``; ``out_dir/yolox/{best,last}.pt``, ``results.csv`` and
-    ``args.yaml``; the selected checkpoint is copied to ``out_dir/detector.pt``."""
+    ``args.yaml``; the selected checkpoint is copied to ``out_dir/detector.pt``. Several devices (:func:`ddp_plan`):
+    one spawned process each (see the module docstring)."""
+    devices = ddp_plan(settings.device, args.ddp_processes)
+    if len(devices) > 1:
+        return _fit_ddp(model, name, data, Path(out_dir), settings, args, devices)
+    result = _fit(model, name, data, out_dir, settings, args, None)
+    assert result is not None
+    return result
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _fit_ddp(
+    model: YOLOX,
+    name: str,
+    data: DetectionData,
+    out_dir: Path,
+    settings: TrainSettings,
+    args: YoloxTrainArgs,
+    devices: list[str],
+) -> TrainResult:
+    """Spawn one process per device (:func:`_ddp_process`) and return rank 0's result."""
+    import torch.multiprocessing as mp
+
+    result_file = out_dir / "yolox" / "ddp_result.pkl"
+    result_file.parent.mkdir(parents=True, exist_ok=True)
+    result_file.unlink(missing_ok=True)
+    port = _free_port()
+    log.info("YOLOX %s: DDP over %d processes (%s)", name, len(devices), ", ".join(devices))
+    payload = (devices, port, model, name, data, out_dir, settings, args, result_file)
+    mp.spawn(_ddp_process, args=payload, nprocs=len(devices), join=True)
+    return pickle.loads(result_file.read_bytes())
+
+
+def _ddp_process(
+    rank: int,
+    devices: list[str],
+    port: int,
+    model: YOLOX,
+    name: str,
+    data: DetectionData,
+    out_dir: Path,
+    settings: TrainSettings,
+    args: YoloxTrainArgs,
+    result_file: Path,
+) -> None:
+    """One DDP process: join the process group (NCCL on GPUs, gloo on the CPU), train, rank 0 writes the result."""
+    import torch.distributed as dist
+
+    # torch.multiprocessing hands every process the same shared-memory tensors: each rank trains its own copy
+    model = deepcopy(model)
+    device = torch.device(devices[rank])
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    # rank 0 evaluates the held-out fold after every epoch while the others wait for its decision: a long timeout
+    dist.init_process_group(
+        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=len(devices), timeout=DDP_TIMEOUT
+    )
+    try:
+        result = _fit(model, name, data, out_dir, settings, args, DdpRank(rank, len(devices), device))
+        if result is not None:
+            result_file.write_bytes(pickle.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+class _RawForward(torch.nn.Module):
+    """``model.raw`` as ``forward``: DDP synchronises gradients of what runs through its wrapped module's forward."""
+
+    def __init__(self, model: YOLOX) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.model.raw(x)
+
+
+def _fit(
+    model: YOLOX,
+    name: str,
+    data: DetectionData,
+    out_dir: Path,
+    settings: TrainSettings,
+    args: YoloxTrainArgs,
+    ddp: DdpRank | None,
+) -> TrainResult | None:
+    """The training loop of :func:`fit`, in one process or as one DDP rank (None on ranks other than 0)."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
     run_dir = out_dir / "yolox"
     run_dir.mkdir(parents=True, exist_ok=True)
     split = make_split(data)
-    device = resolve_device(settings.device, key="detector.device")
+    device = ddp.device if ddp is not None else resolve_device(settings.device, key="detector.device")
+    lead = ddp is None or ddp.rank == 0  # evaluates, selects, writes
     torch.manual_seed(settings.seed)
     gen = torch.Generator().manual_seed(settings.seed)
     size = settings.img_size
     dataset = DetectionDataset(split.train, size, args.augment, seed=settings.seed)
-    batch = min(settings.batch_size, len(dataset))
+    sampler = None
+    if ddp is not None:  # each rank its shard of every epoch's permutation, the same number of batches everywhere
+        sampler = torch.utils.data.DistributedSampler(
+            dataset, num_replicas=ddp.world, rank=ddp.rank, shuffle=True, seed=settings.seed, drop_last=True
+        )
+    batch = min(settings.batch_size, len(dataset) // (ddp.world if ddp is not None else 1))
+    if batch < 1:
+        raise CytologiaInputError(f"{len(dataset)} training images cannot feed {ddp.world if ddp else 1} process(es)")
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=batch,
-        shuffle=True,
+        shuffle=sampler is None,
+        sampler=sampler,
         num_workers=settings.workers,
         collate_fn=collate,
         drop_last=True,
@@ -420,6 +567,11 @@ def fit(
     )
     iters = len(loader)
     model.to(device).train()
+    forward: Any = model.raw
+    if ddp is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(_RawForward(model), device_ids=[device] if device.type == "cuda" else None)
     optimizer = build_optimizer(model, settings.optimizer, settings.lr, args.momentum, args.weight_decay)
     epochs = settings.epochs
 
@@ -440,9 +592,10 @@ def fit(
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     sides = multiscale_sides(size, args.multiscale) if args.multiscale > 0 else [size]
     side_rng = np.random.default_rng(settings.seed)
-    (run_dir / "args.yaml").write_text(
-        yaml.safe_dump({"model": name, **_plain_settings(settings), "yolox": args.to_dict()}, sort_keys=False)
-    )
+    if lead:
+        (run_dir / "args.yaml").write_text(
+            yaml.safe_dump({"model": name, **_plain_settings(settings), "yolox": args.to_dict()}, sort_keys=False)
+        )
     history: list[dict[str, float]] = []
     epoch_seconds: list[float] = []
     best_value, best_epoch, stale, it, side = -math.inf, 0, 0, 0, size
@@ -460,6 +613,8 @@ def fit(
     while epoch < epochs:
         no_aug = epoch >= epochs - min(args.no_aug_epochs, epochs)
         dataset.set_epoch(epoch, mosaic=not no_aug)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         use_l1 = no_aug and args.l1_loss
         model.train()
         sums: dict[str, float] = {}
@@ -474,7 +629,7 @@ def fit(
             x = images.to(device, non_blocking=True).float()
             x, targets = resize_batch(x, targets, side)
             with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                raw, grid, strides = model.raw(x)
+                raw, grid, strides = forward(x)
             loss = yolox_loss(
                 raw,
                 grid,
@@ -496,6 +651,14 @@ def fit(
             for k, v in loss.as_dict().items():
                 sums[k] = sums.get(k, 0.0) + v
         epoch_seconds.append(time.perf_counter() - t0)
+        if not lead:  # rank 0 evaluates and decides; the others take its decision
+            epoch += 1
+            planned, stop = _follow(epochs, False)
+            if planned != epochs:
+                epochs, schedule = planned, schedule_for(planned)
+            if stop:
+                break
+            continue
         scored = ema.module if ema is not None else model
         precise_bn(scored, dataset, device, args.precise_bn_images, batch)
         value, val_s = evaluate(
@@ -522,15 +685,23 @@ def fit(
             best_epoch,
         )
         epoch += 1
-        if settings.patience and stale >= settings.patience:
+        stop = bool(settings.patience and stale >= settings.patience)
+        if stop:
             log.info("no better box term for %d epochs: stopping after epoch %d", stale, epoch)
-            break
-        if args.time_limit_s > 0:
+        elif args.time_limit_s > 0:
             per_epoch = (time.perf_counter() - start) / epoch
             fits = max(epoch, min(epochs, int(args.time_limit_s / per_epoch)))  # never lengthened again
             if fits != epochs:
                 log.info("time limit %.0f s: re-planned to %d epochs", args.time_limit_s, fits)
                 epochs, schedule = fits, schedule_for(fits)
+        if ddp is not None:
+            _follow(epochs, stop)
+        if stop:
+            break
+    if ddp is not None:
+        _check_in_sync(model)
+    if not lead:
+        return None
     if best_epoch == 0:  # no finite score (no truth box held out): keep the last epoch
         best_epoch = epoch
         shutil.copyfile(run_dir / "last.pt", run_dir / "best.pt")
@@ -550,6 +721,34 @@ def fit(
         n_train_images=len(split.train),
         n_val_images=len(split.val_names),
     )
+
+
+def _follow(epochs: int, stop: bool) -> tuple[int, bool]:
+    """Rank 0's (epochs, stop) after an epoch, sent to every DDP rank (rank 0 sends its own values)."""
+    import torch.distributed as dist
+
+    backend = dist.get_backend()
+    decision = torch.tensor([epochs, int(stop)], dtype=torch.int64, device="cuda" if backend == "nccl" else "cpu")
+    dist.broadcast(decision, src=0)
+    return int(decision[0]), bool(decision[1])
+
+
+def _check_in_sync(model: torch.nn.Module) -> None:
+    """After DDP training every rank must hold the same weights (averaged gradients, same updates): an error if not."""
+    import torch.distributed as dist
+
+    # per tensor, its values weighted by their position: a plain sum can hide different weights (Adam moves most
+    # values by about +-lr whatever the gradient, and the signs can balance out)
+    prints = []
+    for p in model.parameters():
+        flat = p.detach().double().flatten()
+        prints.append((flat * torch.linspace(-1.0, 1.0, flat.numel(), dtype=flat.dtype, device=flat.device)).sum())
+    mine = torch.stack(prints)
+    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    worst = max(float((g - gathered[0]).abs().max()) for g in gathered)
+    if worst > 1e-9 * max(1.0, float(gathered[0].abs().max())):
+        raise RuntimeError(f"DDP ranks hold different weights after training (largest difference {worst:.3g})")
 
 
 def _plain_settings(settings: TrainSettings) -> dict[str, Any]:
