@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from cytologia.device import lightning_accelerator, resolve_device, ultralytics_device
+from cytologia.device import lightning_accelerator, lightning_num_nodes, resolve_device, ultralytics_device
 from cytologia.errors import CytologiaInputError
 from cytologia.runtime.inference import _torch_device as pipeline_device
 
@@ -63,6 +63,17 @@ def test_bad_values_are_named() -> None:
         resolve_device("gpu0", key="detector.device")
     with pytest.raises(CytologiaInputError, match="'gpu' is not one of auto, cpu, cuda"):
         pipeline_device("gpu")
+
+
+def test_num_nodes_follow_the_launcher() -> None:
+    assert lightning_num_nodes({}) == 1  # one machine: Lightning starts the processes
+    assert lightning_num_nodes({"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "RANK": "5"}) == 2  # torchrun, 2 x 4
+    assert lightning_num_nodes({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}) == 1
+    assert lightning_num_nodes({"WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == 1  # Lightning's own children
+    assert lightning_num_nodes({"SLURM_PROCID": "3", "SLURM_NTASKS": "8", "SLURM_NNODES": "2"}) == 2
+    assert lightning_num_nodes({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_NNODES": "4"}) == 1  # one task
+    with pytest.raises(CytologiaInputError, match="not a multiple of LOCAL_WORLD_SIZE=4"):
+        lightning_num_nodes({"WORLD_SIZE": "6", "LOCAL_WORLD_SIZE": "4"})
 
 
 @pytest.mark.gpu

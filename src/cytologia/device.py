@@ -4,12 +4,15 @@ take another form.
 ``auto`` is the first CUDA device when torch sees one, else the CPU. :func:`resolve_device` also takes ``cpu``,
 ``mps``, a CUDA index (``0``, ``1``), ``cuda`` / ``cuda:1``, and a list (``0,1``: the first one, with a warning --
 these callers run on one device). Adapters: :func:`ultralytics_device` (ultralytics' strings: ``"cpu"``, ``"0"``,
-``"0,1"``), :func:`lightning_accelerator` (Lightning's accelerator names). torch is imported only when called.
+``"0,1"``), :func:`lightning_accelerator` (Lightning's accelerator names), :func:`lightning_num_nodes` (the nodes of a
+torchrun / SLURM launch). torch is imported only when called.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from cytologia.errors import CytologiaInputError
@@ -68,3 +71,27 @@ def lightning_accelerator(name: str = AUTO, *, key: str = "trainer.accelerator")
     if name in ("cuda", "gpu") and not cuda_available():
         raise CytologiaInputError(f"config key {key}={name}: no CUDA device is available")
     return name
+
+
+def lightning_num_nodes(environ: Mapping[str, str] | None = None) -> int:
+    """Lightning's ``num_nodes`` for the way this process was launched: under ``torchrun`` (``WORLD_SIZE`` and
+    ``LOCAL_WORLD_SIZE`` exported) the number of nodes is their ratio; in a SLURM ``srun`` task of a multi-task job,
+    ``SLURM_NNODES``; otherwise 1 (one machine: Lightning starts the processes itself). ``trainer.devices`` must then
+    be the processes per node. An inconsistent torchrun environment is a :class:`CytologiaInputError`."""
+    env = os.environ if environ is None else environ
+    if "WORLD_SIZE" in env and "LOCAL_WORLD_SIZE" in env:
+        try:
+            world, local = int(env["WORLD_SIZE"]), int(env["LOCAL_WORLD_SIZE"])
+        except ValueError:
+            raise CytologiaInputError(
+                f"WORLD_SIZE={env['WORLD_SIZE']!r}, LOCAL_WORLD_SIZE={env['LOCAL_WORLD_SIZE']!r}: not integers"
+            ) from None
+        if local < 1 or world < local or world % local:
+            raise CytologiaInputError(
+                f"WORLD_SIZE={world} is not a multiple of LOCAL_WORLD_SIZE={local}: every node must run as many "
+                "processes (torchrun --nproc_per_node)"
+            )
+        return world // local
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS") or 1) > 1:
+        return int(env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES") or 1)
+    return 1

@@ -396,9 +396,12 @@ def _fit(
         extra.append(EMAWeightAveraging(decay=t.ema_decay))
     if t.progress_bar:
         extra.append(TQDMProgressBar(refresh_rate=max(1, min(20, t.log_every_n_steps))))
+    from cytologia.device import lightning_num_nodes
+
     trainer = L.Trainer(
         accelerator=accelerator,
         devices=t.devices,
+        num_nodes=lightning_num_nodes(),  # > 1 under a multi-node torchrun / SLURM launch (docs/multi_gpu.md)
         strategy=strategy,
         precision=precision,
         max_epochs=t.max_epochs,
