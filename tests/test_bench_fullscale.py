@@ -1,0 +1,56 @@
+"""scripts/bench_fullscale.py: the growth exponent, and (benchmark) every step at a toy fraction, twice, through the
+table with its exponents: ``pytest -m bench tests/test_bench_fullscale.py``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_fullscale.py"
+_spec = importlib.util.spec_from_file_location("bench_fullscale", SCRIPT)
+assert _spec is not None and _spec.loader is not None
+bench = importlib.util.module_from_spec(_spec)
+sys.modules["bench_fullscale"] = bench
+_spec.loader.exec_module(bench)
+
+
+def test_growth_exponent() -> None:
+    n = [1000.0, 2000.0, 4000.0, 8000.0]
+    assert bench.growth(n, [3.0 * x for x in n]) == pytest.approx(1.0)
+    assert bench.growth(n, [x**2 / 7 for x in n]) == pytest.approx(2.0)
+    assert bench.growth(n, [5.0, 5.0, 5.0, 5.0]) == pytest.approx(0.0)
+    assert bench.growth(n[:1], [1.0]) is None and bench.growth(n, [None, None, 1.0, None]) is None
+
+
+@pytest.mark.bench
+def test_every_step_at_two_toy_fractions(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(SCRIPT), "--fraction", "0.002", "0.004", "--root", str(tmp_path), "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "fullscale.json").read_text())
+    for fraction in ("0.002", "0.004"):
+        assert set(results[fraction]) == set(bench.STEPS)
+        bad = {s: r["error"] for s, r in results[fraction].items() if "error" in r}
+        assert not bad, bad
+        assert all(r["cpu_s"] >= 0 and r["peak_rss_mb"] > 0 for r in results[fraction].values())
+    assert results["0.004"]["synth"]["extra"]["images"] == round(69168 * 0.004)
+    assert results["0.004"]["predict"]["extra"]["test_images"] > 0
+    rows = [line for line in (out / "fullscale.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(rows) == 2 + len(bench.STEPS)
+    exponents = {row.split(" | ")[0][2:].split(" (")[0]: row.rstrip(" |").split(" | ")[-2] for row in rows[2:]}
+    for step in (
+        "synth",
+        "validate_lenient_jpeg",
+        "duplicates",
+        "folds",
+        "tune",
+        "predict",
+    ):  # CPU time > 0 at any size
+        assert float(exponents[step]) > 0, (step, exponents[step])
