@@ -12,7 +12,6 @@ import pandas as pd
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from lightning.pytorch.callbacks import Callback
 from torch.utils.data import WeightedRandomSampler
 
 from cytologia.classification.datamodule import UNGROUPED, CropDataModule, CropSource, sampling_weights
@@ -78,16 +77,20 @@ def test_loader_draws_by_data_set(tmp_path: Path) -> None:
     assert not isinstance(plain.train_dataloader().sampler, WeightedRandomSampler)
 
 
-class _Grab(Callback):
-    """Keeps, per fit, the training items' data sets and the draw probabilities the stage gave the loader."""
+class _Grab:
+    """Records, per training loader built, its items' data sets and the draw probabilities it got."""
 
     def __init__(self) -> None:
         self.fits: list[tuple[list[str], np.ndarray | None]] = []
 
-    def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
-        data = trainer.datamodule
-        groups = [g for s in data.train_sources for g in s.table.get("dataset", [UNGROUPED] * len(s.table))]
-        self.fits.append((groups, data.train_probabilities()))
+    def wrap(self, method):  # noqa: ANN001, ANN201
+        def recorded(data: CropDataModule) -> np.ndarray | None:
+            prob = method(data)
+            groups = [g for s in data.train_sources for g in s.table.get("dataset", [UNGROUPED] * len(s.table))]
+            self.fits.append((groups, prob))
+            return prob
+
+        return recorded
 
 
 def _folder_set(root: Path, cells: list[tuple[str, str]], seed: int) -> Path:
@@ -135,14 +138,8 @@ def _cfg(root: Path, out: Path, *overrides: str):
 def test_combined_training_leave_one_data_set_out_with_weights(
     combined: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cytologia.classification import stage
-
-    grab, original = _Grab(), stage._fit
-
-    def fit_with(cfg_, module, data, fold, fold_dir, callbacks):  # noqa: ANN001, ANN202
-        return original(cfg_, module, data, fold, fold_dir, [*(callbacks or []), grab])
-
-    monkeypatch.setattr(stage, "_fit", fit_with)
+    grab = _Grab()
+    monkeypatch.setattr(CropDataModule, "train_probabilities", grab.wrap(CropDataModule.train_probabilities))
     cfg = _cfg(combined, tmp_path, "fold=null", "data.sampling_weights={raabin: 1, lisc: 3}")
     result = train(cfg, run_dir=tmp_path / "run")
     assert result["folds_trained"] == [0, 1]
