@@ -6,18 +6,22 @@ torch differ only in the networks. Images are decoded in a thread pool (OpenCV r
 while the current one runs when ``prefetch`` is on; crops are cut in memory and batched; nothing is written between
 stages.
 
+- **decode**: an image that does not decode (missing, empty, not an image) gets the fallback rule -- the pads of an
+  image without detection, the prior class -- and is listed (:attr:`PipelineResult.problems`); ``strict`` raises.
 - **detect**: each image is letterboxed to the detector's input (:mod:`cytologia.detection.letterbox`) and the raw
-  output decoded by its backend's :meth:`~cytologia.detection.base.Detector.boxes_from_output` -- the backend the
-  checkpoints or graphs record, else the ensemble file's -- so boxes match the out-of-fold ones; every fold model,
+  output decoded by its backend's rule -- the backend the checkpoints or graphs record, else the ensemble file's --
+  so boxes match the out-of-fold ones: on torch its
+  :meth:`~cytologia.detection.base.Detector.boxes_from_output`, on ONNX Runtime the same rule in numpy
+  (:func:`cytologia.detection.decode.decode_raw`, the same boxes bit for bit, no torch); every fold model,
   and its mirrored pass with flip TTA, is run; several passes are fused by weighted box fusion
   (:func:`cytologia.detection.fusion.weighted_box_fusion`); boxes without area are dropped. Then the **known-count**
   rule (the top-N per image, padded: :func:`known_count_boxes`) and/or the **open-world** rule (score threshold,
   NMS: :func:`open_world_boxes`) -- the rules of :func:`cytologia.detection.fusion.known_count` and
   :func:`~cytologia.detection.fusion.open_world`, applied per image on arrays (a test checks they agree).
 - **crop**: the box plus the member's margin, stretched to its square input
-  (:func:`cytologia.classification.crops.crop_with_margin`), RGB, ImageNet mean/std -- exactly what
+  (:func:`cytologia.classification.geometry.crop_with_margin`), RGB, ImageNet mean/std -- exactly what
   :class:`~cytologia.classification.crops.CropDataset` feeds the classifier in training. A multi-label member sees
-  the whole image letterboxed with its border colour (:func:`cytologia.classification.fullimage.letterbox`).
+  the whole image letterboxed with its border colour (:func:`cytologia.classification.geometry.letterbox`).
 - **classify**: each member's logits are the mean over its fold models, and over the plain and mirrored crop with
   flip TTA (the classification stage's ``+hflip`` OOF view). Members of weight 0 are not run.
 - **blend**: :func:`cytologia.ensemble.blend_probabilities` -- the rule the weights were tuned with.
