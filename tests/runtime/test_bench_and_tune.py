@@ -157,7 +157,7 @@ def test_tune_then_predict(tiny, tmp_path: Path, capsys) -> None:
     assert h["gain_over_best_member"] > 0 and len(h["per_fold"]) == 3
     assert abs(sum(m.weight for m in ens.members) - 1.0) < 1e-9
 
-    # the tuned file runs: no ONNX files for the members, so they are exported in memory from the checkpoints
+    # the tuned file runs: no ONNX files for the members, so they are exported from the checkpoints (once)
     sub = tmp_path / "submission.csv"
     report = tmp_path / "report.json"
     assert (
