@@ -321,3 +321,24 @@ def test_prediction_does_not_import_the_tuning_code() -> None:
     loaded, control = run.stdout.strip().splitlines()
     assert loaded == "[]", f"imported when predicting: {loaded}"
     assert control == "True"
+
+
+def test_fixed_member_weights_are_kept_and_only_the_multilabel_weight_is_tuned() -> None:
+    # the 1st place's blend: fixed group weights, the multi-label share on single-cell images found by grid search
+    from cytologia.ensemble.tune import fixed_weight_vector
+
+    oof, truth = _constructed(seed=2)
+    data = prepare_tuning(oof, truth, ["A", "B", "C"], multilabel="ML")
+    fixed = fixed_weight_vector(data, {"A": 3, "B": 1, "C": 0})
+    np.testing.assert_allclose(fixed, [0.75, 0.25, 0.0])
+    result = tune(data, fixed=fixed)
+    np.testing.assert_allclose(result.params.weights, fixed)
+    assert result.params.multilabel_weight > 0 and "fixed_weights" in result.report["optimiser"]
+    assert all(row["weights"] == [0.75, 0.25, 0.0] for row in result.report["heldout"]["per_fold"])
+    free = tune(data, heldout=False)
+    assert not np.allclose(free.params.weights, fixed)  # without it the search moves the weights
+    for bad, message in (({"A": 1, "B": 1}, "without a weight: C"), ({"A": 1, "B": 1, "C": 1, "Z": 1}, "no member: Z")):
+        with pytest.raises(CytologiaInputError, match=message):
+            fixed_weight_vector(data, bad)
+    with pytest.raises(CytologiaInputError, match="positive sum"):
+        fixed_weight_vector(data, {"A": 0, "B": 0, "C": 0})

@@ -108,6 +108,8 @@ def test_first_place_miniature_runs_every_stage(tmp_path: Path) -> None:
     ensemble = json.loads((run / "ensemble" / "ensemble.json").read_text())
     kinds = sorted(mm["kind"] for mm in ensemble["members"])
     assert kinds == ["cell"] * 6 + ["multilabel"]
+    weights = {mm["oof_model"].split("+")[0]: mm["weight"] for mm in ensemble["members"] if mm["kind"] == "cell"}
+    assert weights["effnetv2m512"] == pytest.approx(0.25) and weights["vitl224"] == pytest.approx(0.25 / 3)  # groups
     data = tmp_path / "data" / "synthetic"
     sub = read_submission(run / "predict" / "submission.csv", test=read_test(data / "test.csv"))
     assert len(sub) == len(pd.read_csv(data / "test.csv"))

@@ -147,6 +147,19 @@ def test_first_place_detectors_and_background_match_the_recipe() -> None:
     assert cfg.pipeline.clean and cfg.pipeline.two_stage and not cfg.pipeline.single_stage.enabled
 
 
+def test_first_place_blend_keeps_their_groups() -> None:
+    # RECIPES.md "Blend": four groups of 0.25 (EffNetV2-M; mean(ViT-L, ViT-L + background, DinoBloom-B); NextViT-L;
+    # TinyViT); the multi-label share on single-cell images is tuned (theirs 0.543, by grid search on OOF)
+    text = _text()[_text().index("### Blend") :]
+    assert "Groups with weight 0.25 each" in text and "mean(ViT-L, ViT-L + background, DinoBloom-B)" in text
+    w = dict(compose_experiment("first_place").pipeline.member_weights)
+    total = sum(w.values())
+    assert w["effnetv2m512"] / total == w["nextvit384"] / total == w["tinyvit512"] / total == 0.25
+    assert (w["vitl224"] + w["vitl224_bg"] + w["dinobloom224"]) / total == 0.25
+    assert w["vitl224"] == w["vitl224_bg"] == w["dinobloom224"]
+    assert "ml_effnetv2m512_bg" not in w  # the multi-label member's share is tuned
+
+
 def test_third_place_is_the_single_stage_yolo11m_at_384() -> None:
     text = _text()[_text().index("## 3rd place") :]
     assert "one `yolo11m` 384" in text
@@ -162,6 +175,8 @@ def test_second_place_uses_focal_loss_and_bbox_aware_augmentation(tmp_path: Path
     cfg = compose_experiment("second_place")
     members = member_configs(cfg, tmp_path, tmp_path / "bg.csv", None)
     assert len(members) * cfg.folds.k == 12  # 12 classifiers = 3 members x 4 folds
+    assert "blend by equal weights" in text and set(cfg.pipeline.member_weights.values()) == {1}
+    assert set(cfg.pipeline.member_weights) == {m.exp_name for m in members}
     for m in members:
         assert m.classifier.loss.name == "focal" and m.classifier.augment.bbox_aware_p > 0
         assert m.classifier.weights == "tf_efficientnetv2_m.in21k"

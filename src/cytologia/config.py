@@ -183,6 +183,9 @@ class PipelineConfig:
     # (top-N per image, N = the image's box count) are what the crop classifiers train on (1st place's 640 px
     # detector). None: the classifiers crop the (cleaned) ground-truth boxes.
     crop_detector: dict | None
+    # Member name (exp) -> relative blend weight, kept as given (normalised; the 1st place's fixed groups): only the
+    # multi-label weight is tuned. None: every weight tuned on the OOF logits.
+    member_weights: dict | None
     clean: bool  # clean the training boxes with the detector's OOF boxes before training classifiers
     cleaning_config: str | None  # settings YAML for `cytologia clean` (None: its built-in defaults)
     clean_min_kept: float  # below this share of boxes kept, cleaning is not applied (the detector is too weak)

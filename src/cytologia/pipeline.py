@@ -224,7 +224,8 @@ def _two_stage(cfg: DictConfig, run_dir: Path, root: Path, steps: Any, sub_path:
 
     ens = run_dir / "ensemble" / "ensemble.json"
     folds = cls_root / FOLDS_FILE
-    steps("ensemble", ens, lambda: _tune(members, cls_root / "train.csv", det_dir, ens, crop_boxes, folds))
+    fixed = OmegaConf.to_container(p.member_weights) if p.member_weights is not None else None
+    steps("ensemble", ens, lambda: _tune(members, cls_root / "train.csv", det_dir, ens, crop_boxes, folds, fixed))
     report_path = run_dir / "predict" / "predict_report.json"
     steps("predict", sub_path, lambda: _predict(root, ens, sub_path, str(p.runtime), report_path))
     counts = run_dir / "counts"
@@ -387,11 +388,19 @@ def _clean(root: Path, boxes: Path, out: Path, settings: Path | None) -> None:
 
 
 def _tune(
-    members: list[Path], truth: Path, detector: Path, out: Path, boxes: Path | None = None, folds: Path | None = None
+    members: list[Path],
+    truth: Path,
+    detector: Path,
+    out: Path,
+    boxes: Path | None = None,
+    folds: Path | None = None,
+    fixed_weights: dict[str, float] | None = None,
 ) -> None:
     from cytologia.ensemble.runs import tune_ensemble
 
-    kwargs = {"boxes": boxes, "folds": folds} if boxes is not None else {}
+    kwargs: dict[str, Any] = {"boxes": boxes, "folds": folds} if boxes is not None else {}
+    if fixed_weights is not None:
+        kwargs["fixed_weights"] = fixed_weights
     _print(tune_ensemble(members, truth, out, detector=detector, **kwargs).lines)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -179,6 +179,7 @@ def tune_ensemble(
     det_img_size: int | None = None,
     calibrate: bool = True,
     target_error: float = 0.02,
+    fixed_weights: Mapping[str, float] | None = None,
 ) -> TunedEnsemble:
     """Tune the ensemble of the runs ``oof`` (run folders or OOF logits files) against ``truth`` (the train.csv the
     OOF boxes come from) and write it to ``out`` (.json, .yaml).
@@ -190,13 +191,15 @@ def tune_ensemble(
     ``detector``: a detection run folder or a ``detector.pt`` (input size ``det_img_size``, default its run
     config), so that the file is ready to predict with; ``calibrate``: fit the temperatures and the refer-to-expert
     threshold for at most ``target_error`` errors on the boxes kept (:func:`cytologia.calibration.fit_calibration`)
-    on the same OOF boxes, reported under ``calibration`` in the tuning report."""
+    on the same OOF boxes, reported under ``calibration`` in the tuning report; ``fixed_weights``: experiment name
+    -> relative weight of each cell member, kept as given (normalised) -- only the multi-label weight (and biases)
+    are tuned (the 1st place's fixed groups)."""
     from cytologia.classification.oof import read_oof
     from cytologia.classification.stage import read_box_table
     from cytologia.data.io import read_annotations
     from cytologia.data.prepare import read_folds
     from cytologia.ensemble import Ensemble, write_ensemble
-    from cytologia.ensemble.tune import apply_tuning, prepare_tuning, summary, tune
+    from cytologia.ensemble.tune import apply_tuning, fixed_weight_vector, prepare_tuning, summary, tune
     from cytologia.oof_names import flip_model_name, is_flip_model, plain_model_name
 
     if tta not in TTA_MODES:
@@ -252,7 +255,8 @@ def tune_ensemble(
         folds=fold_table,
         source=", ".join(map(str, oof)),
     )
-    result = tune(data, class_bias=class_bias, heldout=heldout)
+    fixed = fixed_weight_vector(data, fixed_weights) if fixed_weights is not None else None
+    result = tune(data, class_bias=class_bias, heldout=heldout, fixed=fixed)
     used = [*data.members, *([data.multilabel] if data.multilabel else [])]
     result.report["checkpoint_selection"] = {m: selection.get(m, "unknown") for m in used}
     tuned, blend = apply_tuning(specs, result, data)

@@ -10,6 +10,7 @@ constant in the weights, so the optimiser is derivative-free:
    in turn, a 21-point line search moving weight between it and the others, until a full pass gains nothing;
 2. Nelder-Mead (scipy) on softmax-parametrised weights from that point, on F1 plus a 1e-3 x mean log-probability
    tie-break that gives the flat steps a slope; its result is kept only when its F1 is at least as high;
+   (steps 1-2 are skipped when the member weights are given, ``fixed``: the 1st place's fixed groups);
 3. the multi-label weight ``a`` by a 21-point grid on [0, 1];
 4. optionally (``class_bias=True``) per-class logit biases by coordinate ascent (11 offsets per class, 3 passes).
 
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -393,23 +394,50 @@ def single_member_scores(data: TuneData, eval_mask: np.ndarray | None = None) ->
     return {m: obj(Params(np.eye(data.n_members)[i])) for i, m in enumerate(data.members)}
 
 
-def optimise(data: TuneData, eval_mask: np.ndarray, *, class_bias: bool = False) -> tuple[Params, dict[str, Any]]:
-    """Tune the blend on the evaluation rows ``eval_mask``; returns the parameters and a trace of the steps."""
+def fixed_weight_vector(data: TuneData, fixed: Mapping[str, float]) -> np.ndarray:
+    """Member weights on the simplex from ``fixed`` (experiment name -> relative weight; a member's flip-TTA OOF
+    model ``<exp>+hflip`` takes its experiment's weight). Every member must be named, with a weight >= 0."""
+    from cytologia.oof_names import plain_model_name
+
+    missing = [m for m in data.members if plain_model_name(m) not in fixed]
+    unknown = sorted(set(fixed) - {plain_model_name(m) for m in data.members})
+    if missing or unknown:
+        raise CytologiaInputError(
+            f"fixed member weights: members without a weight: {', '.join(missing) or 'none'}; names that are no "
+            f"member: {', '.join(unknown) or 'none'} (members: {', '.join(data.members)})"
+        )
+    w = np.array([float(fixed[plain_model_name(m)]) for m in data.members], dtype=np.float64)
+    if (w < 0).any() or w.sum() <= 0:
+        raise CytologiaInputError(f"fixed member weights {dict(fixed)}: must be >= 0 with a positive sum")
+    return w / w.sum()
+
+
+def optimise(
+    data: TuneData, eval_mask: np.ndarray, *, class_bias: bool = False, fixed: np.ndarray | None = None
+) -> tuple[Params, dict[str, Any]]:
+    """Tune the blend on the evaluation rows ``eval_mask``; returns the parameters and a trace of the steps.
+    ``fixed``: member weights given (:func:`fixed_weight_vector`, e.g. the 1st place's groups): only the multi-label
+    weight (and the class biases) are searched."""
     obj = _Objective(data, eval_mask)
     m_count = data.n_members
     grid = np.linspace(0.0, 1.0, GRID_POINTS)
     singles = [obj(Params(np.eye(m_count)[i])) for i in range(m_count)]
     trace: dict[str, Any] = {"single_member_f1": dict(zip(data.members, singles))}
-    starts = [Params(np.full(m_count, 1.0 / m_count)), Params(np.eye(m_count)[int(np.argmax(singles))])]
-    best_params, best_f1 = starts[0], -1.0
-    for start in starts if m_count > 1 else starts[:1]:
-        p, f = _line_search_weights(obj, start, grid) if m_count > 1 else (start, obj(start))
-        if f > best_f1:
-            best_params, best_f1 = p, f
-    trace["coordinate_ascent_f1"] = best_f1
-    if m_count > 1:
-        best_params, best_f1, improved = _nelder_mead(obj, best_params, best_f1)
-        trace["nelder_mead_improved"] = improved
+    if fixed is not None:
+        best_params = Params(np.asarray(fixed, dtype=np.float64))
+        best_f1 = obj(best_params)
+        trace["fixed_weights"] = [float(w) for w in best_params.weights]
+    else:
+        starts = [Params(np.full(m_count, 1.0 / m_count)), Params(np.eye(m_count)[int(np.argmax(singles))])]
+        best_params, best_f1 = starts[0], -1.0
+        for start in starts if m_count > 1 else starts[:1]:
+            p, f = _line_search_weights(obj, start, grid) if m_count > 1 else (start, obj(start))
+            if f > best_f1:
+                best_params, best_f1 = p, f
+        trace["coordinate_ascent_f1"] = best_f1
+        if m_count > 1:
+            best_params, best_f1, improved = _nelder_mead(obj, best_params, best_f1)
+            trace["nelder_mead_improved"] = improved
     if data.image_prob is not None:
         for a in grid[1:]:
             trial = Params(best_params.weights, best_params.bias, float(a))
@@ -443,11 +471,14 @@ class TuneResult:
     report: dict[str, Any]
 
 
-def tune(data: TuneData, *, class_bias: bool = False, heldout: bool = True) -> TuneResult:
+def tune(
+    data: TuneData, *, class_bias: bool = False, heldout: bool = True, fixed: np.ndarray | None = None
+) -> TuneResult:
     """Tune on every fold (the weights to use) and, with ``heldout``, cross-fit the held-out check; see the module
-    docstring. The report holds macro-F1s, the challenge-score equivalents and the gain over the best member."""
+    docstring. The report holds macro-F1s, the challenge-score equivalents and the gain over the best member.
+    ``fixed``: given member weights (only the multi-label weight and biases are tuned, see :func:`optimise`)."""
     everything = np.ones(len(data.eval_row), dtype=bool)
-    params, trace = optimise(data, everything, class_bias=class_bias)
+    params, trace = optimise(data, everything, class_bias=class_bias, fixed=fixed)
     singles = trace["single_member_f1"]
     report: dict[str, Any] = {
         "objective": "macro-F1 over ground-truth boxes, the F1 part of the score (its box term does not depend on it)",
@@ -463,12 +494,14 @@ def tune(data: TuneData, *, class_bias: bool = False, heldout: bool = True) -> T
     if data.giou is not None:
         report["box_term"] = data.giou
         report["in_sample_score"] = (1 - F1_WEIGHT) * data.giou + F1_WEIGHT * trace["f1"]
+    if fixed is not None:
+        report["fixed_member_weights"] = dict(zip(data.members, (float(w) for w in params.weights)))
     if heldout:
-        report["heldout"] = heldout_check(data, class_bias=class_bias)
+        report["heldout"] = heldout_check(data, class_bias=class_bias, fixed=fixed)
     return TuneResult(params, report)
 
 
-def heldout_check(data: TuneData, *, class_bias: bool = False) -> dict[str, Any]:
+def heldout_check(data: TuneData, *, class_bias: bool = False, fixed: np.ndarray | None = None) -> dict[str, Any]:
     """Cross-fitted held-out macro-F1 of the tuned ensemble vs the best member (chosen on the tuning folds) and vs
     equal weights."""
     check_fold, scheme = _folds_for_check(data)
@@ -481,7 +514,7 @@ def heldout_check(data: TuneData, *, class_bias: bool = False) -> dict[str, Any]
     for h in folds:
         held = check_fold == h
         tune_mask = (check_fold >= 0) & ~held
-        params, trace = optimise(data, tune_mask, class_bias=class_bias)
+        params, trace = optimise(data, tune_mask, class_bias=class_bias, fixed=fixed)
         best_m = int(np.argmax([trace["single_member_f1"][m] for m in data.members]))
         held_obj = _Objective(data, held)
         row = {"fold": h, "n_truth_boxes": int(held.sum()), "best_member": data.members[best_m]}
