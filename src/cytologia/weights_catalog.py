@@ -254,15 +254,27 @@ def _probe(url: str, timeout: float) -> None:
         pass
 
 
+def _hub_cache_dir() -> str | None:
+    """huggingface_hub's cache folder as the environment says now (``HF_HUB_CACHE``, else ``HF_HOME``/hub): the
+    library reads both once, when it is first imported, which may be before the caller set them."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    return str(Path(os.environ["HF_HOME"]) / "hub") if os.environ.get("HF_HOME") else None
+
+
 def _download_hf(entry: CatalogEntry, tmp: Path, timeout: float) -> None:
     """A file of a Hugging Face repository through huggingface_hub (its cache under ``HF_HOME``), copied to
-    ``tmp``. ``HF_ENDPOINT`` is read now, not at huggingface_hub's import."""
+    ``tmp``. ``HF_ENDPOINT``, ``HF_HOME`` and ``HF_HUB_CACHE`` are read now, not at huggingface_hub's import."""
     from huggingface_hub import hf_hub_download
 
     _probe(entry.url, timeout)
     with _hub_online():
         cached = hf_hub_download(
-            entry.source, entry.hf_file, endpoint=os.environ.get("HF_ENDPOINT") or None, etag_timeout=timeout
+            entry.source,
+            entry.hf_file,
+            endpoint=os.environ.get("HF_ENDPOINT") or None,
+            cache_dir=_hub_cache_dir(),
+            etag_timeout=timeout,
         )
     shutil.copyfile(cached, tmp)
 
