@@ -164,7 +164,7 @@ def resolve_weights(value: str | None, models_dir: str | Path | None = None, key
         path = folder / entry.file
         if not path.is_file():
             raise CytologiaInputError(
-                f"config key {key}={value}: {path} is absent. Get it where there is network with "
+                f"{key}={value}: {path} is absent. Get it where there is network with "
                 f"`{pull_command([value])}` (add --models {folder} for another folder), or download {entry.url} "
                 f"by hand, place it as {path} and run `cytologia weights add {path} --source {entry.url}`"
             )

@@ -40,7 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=d.device, help="auto (first CUDA device, else cpu), cpu, 0, ...")
     parser.add_argument("--workers", type=int, default=d.workers, help=f"data-loading processes (default {d.workers})")
     parser.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
-    parser.add_argument("--weights", default=None, help="initial weights, a local file checked against its manifest")
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="initial weights: a catalog name (yolo11m: `cytologia weights pull yolo11m`) or a file in models/ checked "
+        "against its manifest; default random",
+    )
     parser.add_argument("--fold", type=int, default=0, help="held-out fold that selects the checkpoint (default 0)")
     parser.add_argument("--folds-k", type=int, default=4, help="folds to make when DATA/folds.csv is absent")
     parser.add_argument("--cache", type=Path, default=None, help="dataset cache folder (default OUT/cache)")
@@ -71,6 +76,14 @@ def _train_args(specs: list[str]) -> dict[str, Any]:
     return out
 
 
+def _weights(value: str | None) -> str | None:
+    """``--weights`` as a verified file (a catalog name resolved in models/); None: random init."""
+    from cytologia.weights_catalog import resolve_weights
+
+    path = resolve_weights(value, key="--weights") if value is not None else None
+    return str(path) if path is not None else None
+
+
 def run(args: argparse.Namespace) -> int:
     from cytologia.single_stage import SingleStageSettings, run_single_stage, summary_lines
 
@@ -85,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         workers=args.workers,
         seed=args.seed,
-        weights=args.weights,
+        weights=_weights(args.weights),
         extra=_train_args(args.train_arg),
     )
     metrics = run_single_stage(
