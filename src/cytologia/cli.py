@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("cytologia.commands.export", "a detector to ONNX (verified against torch); an ensemble as a bundle"),
     "clean": ("cytologia.commands.clean", "flag and remove noisy training boxes with out-of-fold detections"),
     "tune": ("cytologia.commands.tune", "tune the classifier ensemble's weights on out-of-fold logits"),
+    "distill": ("cytologia.commands.distill", "distil a tuned ensemble into one compact student (OOF targets)"),
+    "pseudo-label": ("cytologia.commands.pseudo_label", "leak-aware pseudo-labels: per-fold teachers, CV before/after"),
     "predict": ("cytologia.commands.predict", "detect, classify and write a validated submission (+ per-image output)"),
     "single-stage": ("cytologia.commands.single_stage", "single-stage baseline: one 23-class YOLO, trained and scored"),
     "report": ("cytologia.commands.report", "report folder: per-class F1, confusion, per-source F1, error gallery"),

@@ -191,7 +191,34 @@ class PipelineConfig:
     clean_min_kept: float  # below this share of boxes kept, cleaning is not applied (the detector is too weak)
     n_background: int  # cell-free images painted for classifiers with `background: true`
     runtime: str  # predict with ONNX Runtime or torch
+    distill: bool  # distil the tuned ensemble into one student (the `distill` group) after the ensemble step
+    pseudo_label: bool  # leak-aware pseudo-labelling rounds (the `pseudo_label` group) after the ensemble step
     single_stage: SingleStageConfig
+
+
+@dataclass
+class DistillConfig:
+    """Distillation of the tuned ensemble into one student (cytologia.classification.distill)."""
+
+    student: dict  # overrides of the `classifier` group for the student (name, img_size at least)
+    trainer: dict  # overrides of the `trainer` group for the student ({}: the run's)
+    temperature: float  # softening of teacher and student in the KL term
+    kd_weight: float  # share of the KL term; 1 - kd_weight goes to the hard-label loss
+    weights: str  # teacher blend weights per fold: heldout | tuned
+    cv: bool  # also one student per fold (OOF logits, CV)
+    final: bool  # one student on every training box (the deployable one, student.json)
+    unlabelled: bool  # also learn from the test crops' per-fold teacher predictions
+
+
+@dataclass
+class PseudoLabelConfig:
+    """Leak-aware pseudo-labelling (cytologia.classification.pseudo)."""
+
+    rounds: int
+    precision: float  # OOF precision the confidence threshold must reach
+    min_count: int  # OOF predictions that precision is measured over, at least
+    allow_leak: bool  # full-ensemble labels for every fold (the leak, to measure it)
+    stage2: bool  # each fold starts from the previous round's checkpoint of the same fold
 
 
 @dataclass
@@ -212,6 +239,8 @@ class TrainConfig:
     ensemble: EnsembleConfig
     paths: PathsConfig
     pipeline: PipelineConfig
+    distill: DistillConfig
+    pseudo_label: PseudoLabelConfig
     exp_name: str  # names the run folder and the member's OOF logits
     stage: str  # what the run trains: one of STAGES
     fold: int | None  # train this fold only; None: every fold

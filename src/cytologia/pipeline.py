@@ -228,6 +228,8 @@ def _two_stage(cfg: DictConfig, run_dir: Path, root: Path, steps: Any, sub_path:
     steps("ensemble", ens, lambda: _tune(members, cls_root / "train.csv", det_dir, ens, crop_boxes, folds, fixed))
     report_path = run_dir / "predict" / "predict_report.json"
     steps("predict", sub_path, lambda: _predict(root, ens, sub_path, str(p.runtime), report_path))
+    if p.distill or p.pseudo_label:  # docs/distillation.md
+        _student_steps(cfg, run_dir, root, cls_root, det_dir, ens, steps)
     counts = run_dir / "counts"
     steps("count", counts / "counts.json", lambda: _count(root, ens, sub_path, counts))
 
@@ -247,6 +249,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, object]:
     n_steps = 3 + int(p.single_stage.enabled)
     if p.two_stage:
         n_steps += 7 + len(p.classifiers) + int(p.crop_detector is not None)
+    n_steps += 2 * (int(p.distill) + int(p.pseudo_label)) * int(p.two_stage)  # each: the step + its predict
     steps = _QuietSteps(_Steps(run_dir, n_steps), run_dir)
     root = Path(cfg.data.root)
     state: dict[str, object] = {}
@@ -282,7 +285,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, object]:
         )
 
     truth = root / "test_labels.csv"
-    scores = _scores(truth, {"two-stage": sub_path, "single-stage": ss_dir / "submission.csv", "null": null_path})
+    subs = {"two-stage": sub_path, "single-stage": ss_dir / "submission.csv", "null": null_path}
+    scores = _scores(truth, {**subs, **_student_submissions(run_dir)})
     if not p.two_stage:  # the single-stage model is the run's submission: the report shows it
         sub_path = ss_dir / "submission.csv"
     report_dir = run_dir / "report"
@@ -571,4 +575,41 @@ def _lab_inputs(run_dir: Path, pred: Path) -> dict[str, Any]:
         "calibration": calibration,
         "calibrated": cells if calibration is not None and cells.is_file() else None,
         "counts": counts if (counts / "counts.json").is_file() else None,
+    }
+
+
+def _student_steps(
+    cfg: DictConfig, run_dir: Path, root: Path, cls_root: Path, det_dir: Path, ens: Path, steps: Any
+) -> None:
+    """After the ensemble: ``distill`` (``pipeline.distill``) -> ``distill/student.json`` (one student + the detector,
+    :func:`cytologia.classification.distill.distill`) and its test prediction ``distill/predict/submission.csv``;
+    ``pseudo-label`` (``pipeline.pseudo_label``) -> ``pseudo_label/round_<r>/`` (leak-aware rounds,
+    :func:`cytologia.classification.pseudo.pseudo_label`) and the last round's ``pseudo_label/predict/submission.csv``.
+    Both train on the classifiers' data folder ``cls_root``."""
+    p, runtime = cfg.pipeline, str(cfg.pipeline.runtime)
+    if p.distill:
+        from cytologia.classification.distill import distill
+
+        out = run_dir / "distill"
+        sub_cfg = _with(cfg, **{"data.root": str(cls_root)})
+        steps("distill", out / "student.json", lambda: _print(distill(sub_cfg, ens, out, runtime=runtime).lines))
+        sub, report = out / "predict" / "submission.csv", out / "predict" / "predict_report.json"
+        steps("predict student", sub, lambda: _predict(root, out / "student.json", sub, runtime, report))
+    if p.pseudo_label:
+        from cytologia.classification.pseudo import pseudo_label, settings_from_config
+
+        out = run_dir / "pseudo_label"
+        settings = settings_from_config(cfg, runtime=runtime)
+        last = out / f"round_{settings.rounds}" / "ensemble.json"
+        boxes = det_dir / "oof_boxes.csv"
+        steps("pseudo-label", last, lambda: _print(pseudo_label(ens, cls_root, out, settings, detections=boxes).lines))
+        sub, report = out / "predict" / "submission.csv", out / "predict" / "predict_report.json"
+        steps("predict pseudo-labelled", sub, lambda: _predict(root, last, sub, runtime, report))
+
+
+def _student_submissions(run_dir: Path) -> dict[str, Path]:
+    """The test submissions of the student and of the pseudo-labelled ensemble (scored when they exist)."""
+    return {
+        "student": run_dir / "distill" / "predict" / "submission.csv",
+        "pseudo-labelled": run_dir / "pseudo_label" / "predict" / "submission.csv",
     }

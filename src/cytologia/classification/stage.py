@@ -52,7 +52,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import numpy as np
@@ -327,8 +327,11 @@ def _finished_fold(cfg: DictConfig, fold: int, fold_dir: Path) -> FoldResult | N
     return None
 
 
-def _module(cfg: DictConfig, label_names: list[str], augment: dict[str, Any]) -> ClassifierModule:
-    """The LightningModule of the configured classifier (crop or multi-label)."""
+def classifier_module(
+    cfg: DictConfig, label_names: list[str], augment: dict[str, Any], **extra: Any
+) -> ClassifierModule:
+    """The LightningModule of the configured classifier (crop or multi-label); ``extra``: more of its arguments
+    (``distill``: a student, :mod:`cytologia.classification.distill`)."""
     t, c = cfg.trainer, cfg.classifier
     return ClassifierModule(
         c.name,
@@ -344,6 +347,7 @@ def _module(cfg: DictConfig, label_names: list[str], augment: dict[str, Any]) ->
         min_lr_ratio=t.min_lr_ratio,
         mix={k: augment[k] for k in ("mix_prob", "mixup_alpha", "cutmix_alpha")},
         multilabel=c.multilabel,
+        **extra,
     )
 
 
@@ -487,8 +491,13 @@ def _fold_result(
 # ------------------------------------------------------------------------- what one item is: a crop or an image
 @dataclass
 class CropItems:
-    """A crop model's items: one per box of ``boxes`` (:func:`crop_boxes`), trained on its known label."""
+    """A crop model's items: one per box of ``boxes`` (:func:`crop_boxes`), trained on its known label.
 
+    A strategy: a subclass changes which items a fold trains on (:meth:`split`), what a batch carries
+    (``datamodule_class``) and the module (:meth:`module`) -- a distilled student or a pseudo-labelled member
+    (:mod:`cytologia.classification.distill`, :mod:`cytologia.classification.pseudo`) -- the trainer stays."""
+
+    datamodule_class: ClassVar[type[CropDataModule]] = CropDataModule
     boxes: pd.DataFrame
     kind: str = "cell"
     unit: str = "box"
@@ -507,7 +516,7 @@ class CropItems:
         self, cfg: DictConfig, train: list[CropSource], val: CropSource, label_names: list[str], augment: dict
     ) -> CropDataModule:
         t, c = cfg.trainer, cfg.classifier
-        return CropDataModule(
+        return self.datamodule_class(
             train,
             val,
             label_names,
@@ -519,6 +528,10 @@ class CropItems:
             cache=c.cache,
             sampling=None if cfg.data.sampling_weights is None else dict(cfg.data.sampling_weights),
         )
+
+    def module(self, cfg: DictConfig, label_names: list[str], augment: dict[str, Any], fold: int) -> Any:
+        """The fold's LightningModule (:func:`classifier_module`)."""
+        return classifier_module(cfg, label_names, augment)
 
     def model_name(self, exp_name: str) -> str:
         return exp_name
@@ -621,7 +634,7 @@ def train_fold(
         sources.append(CropSource(bg, background.image_dir))
         log.info("fold %d: %d background %s(s) added to training", fold, len(bg), items.unit)
     data = items.datamodule(cfg, sources, CropSource(val_table, image_dir), label_names, augment)
-    module = _module(cfg, label_names, augment)
+    module = items.module(cfg, label_names, augment, fold)
     fit = _fit(cfg, module, data, fold, fold_dir, callbacks)
     if fit is None:
         return None
