@@ -42,15 +42,33 @@ def test_every_step_at_two_toy_fractions(tmp_path: Path) -> None:
         assert all(r["cpu_s"] >= 0 and r["peak_rss_mb"] > 0 for r in results[fraction].values())
     assert results["0.004"]["synth"]["extra"]["images"] == round(69168 * 0.004)
     assert results["0.004"]["predict"]["extra"]["test_images"] > 0
-    rows = [line for line in (out / "fullscale.md").read_text().splitlines() if line.startswith("| ")]
-    assert len(rows) == 2 + len(bench.STEPS)
-    exponents = {row.split(" | ")[0][2:].split(" (")[0]: row.rstrip(" |").split(" | ")[-2] for row in rows[2:]}
-    for step in (
-        "synth",
-        "validate_lenient_jpeg",
-        "duplicates",
-        "folds",
-        "tune",
-        "predict",
-    ):  # CPU time > 0 at any size
-        assert float(exponents[step]) > 0, (step, exponents[step])
+    check_table((out / "fullscale.md").read_text(), n_fractions=2)
+
+
+def check_table(text: str, n_fractions: int) -> None:
+    """The table: a header, a separator, one row per step with a cell per fraction, and the exponents of the steps
+    whose CPU time is never zero (at toy sizes fixed costs dominate: an exponent may be anything, but not missing)."""
+    lines = text.splitlines()
+    assert lines[1].startswith("|---")
+    rows = [line for line in lines if line.startswith("| ")]
+    assert len(rows) == 1 + len(bench.STEPS)
+    split = [[c.strip() for c in row.strip()[1:-1].split("|")] for row in rows[1:]]
+    cells = {parts[0].split(" (")[0]: parts[1:] for parts in split}
+    assert list(cells) == list(bench.STEPS)
+    assert all(len(c) == n_fractions + 2 for c in cells.values())
+    for step in ("synth", "validate_lenient_jpeg", "duplicates", "folds", "tune", "predict"):
+        float(cells[step][-2])
+
+
+def test_table_layout() -> None:
+    one = {"wall_s": 2.0, "cpu_s": 1.0, "peak_rss_mb": 100.0, "baseline_rss_mb": 70.0}
+    two = {"wall_s": 4.0, "cpu_s": 2.0, "peak_rss_mb": 190.0, "baseline_rss_mb": 70.0}
+    results = {
+        "0.1": dict.fromkeys(bench.STEPS, one),
+        "0.2": {**dict.fromkeys(bench.STEPS, two), "score": {"error": "x"}},
+    }
+    text = bench.table(results)
+    check_table(text, n_fractions=2)
+    row = next(line for line in text.splitlines() if line.startswith("| synth "))
+    assert row.endswith("| 1.00 | 2.00 |")  # images x2: CPU x2 (linear), memory above the baseline 30 -> 120 MB (x4)
+    assert "| error |" in next(line for line in text.splitlines() if line.startswith("| score "))
