@@ -103,6 +103,7 @@ def test_train_py_entry_point(tmp_path: Path) -> None:
     )
     assert out.returncode == 1, out.stderr
     assert "cytologia weights pull vit_large_patch16_224.augreg_in21k_ft_in1k" in out.stderr, out.stderr
+    assert "classifier.weights=random" in out.stderr, out.stderr  # the override that trains from random weights
     assert "Traceback" not in out.stderr
     # random weights asked for explicitly: it goes on to the real data folder (data/cytologia), absent here, and
     # stops with a clear error naming the missing file.

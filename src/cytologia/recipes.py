@@ -110,7 +110,8 @@ def check_weights(cfg: DictConfig) -> None:
         raise CytologiaInputError(
             f"{cfg.exp_name}: pretrained weights absent from {cfg.paths.models_dir}/ ({keys}). Get them where there "
             f"is network with `{pull_command(str(w.value) for w in absent)}` (see docs/weights_and_recipes.md for "
-            f"placing files by hand), or train from random weights on purpose with <key>={RANDOM}"
+            f"placing files by hand), or train from random weights on purpose with "
+            + " ".join(f"{w.key}={RANDOM}" for w in absent)
         )
     for w in named_weights(cfg):
         resolve_weights(w.value, cfg.paths.models_dir, key=w.key)

@@ -239,6 +239,7 @@ def _cfg(data_root: Path, out: Path, *overrides: str):
                 "data.synthetic=false",
                 f"paths.output_dir={out}",
                 f"classifier.name={TINY}",
+                "classifier.weights=random",  # the recipe names pretrained weights; the test trains a tiny model
                 "classifier.img_size=32",
                 "folds.k=2",
                 "fold=0",
