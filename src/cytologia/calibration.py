@@ -265,23 +265,12 @@ def calibrated_path(submission: str | Path) -> Path:
 
 
 def with_trustii_ids(boxes: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
-    """The known-count ``boxes`` with the ``trustii_id`` each takes in the submission -- the rule of
-    :func:`cytologia.runtime.inference.submission_table`: per image, ids in increasing order take the boxes in
-    decreasing score (stable). Every box gets exactly one id, or the error names the first image that does not."""
-    kc = boxes.sort_values(["NAME", "score"], ascending=[True, False], kind="stable").copy()
-    kc["_rank"] = kc.groupby("NAME").cumcount()
-    ids = test[["trustii_id", "NAME"]].sort_values(["NAME", "trustii_id"], kind="stable").copy()
-    ids["_rank"] = ids.groupby("NAME").cumcount()
-    merged = kc.merge(ids, on=["NAME", "_rank"], how="outer", indicator=True)
-    unmatched = merged[merged["_merge"] != "both"]
-    if len(unmatched):
-        name = unmatched["NAME"].iat[0]
-        raise CytologiaInputError(
-            f"{len(unmatched)} box(es) or trustii_id(s) without a partner, e.g. image {name}: each image needs as "
-            "many boxes as trustii_ids"
-        )
-    merged = merged.drop(columns=["_rank", "_merge"]).sort_values("trustii_id", kind="stable")
-    return merged[["trustii_id", *[c for c in merged.columns if c != "trustii_id"]]].reset_index(drop=True)
+    """The known-count ``boxes`` with the ``trustii_id`` each takes in the submission: the submission's own rule,
+    :func:`cytologia.runtime.inference.assign_trustii_ids` (an image whose boxes and ids differ in number is an
+    error naming it)."""
+    from cytologia.runtime.inference import assign_trustii_ids
+
+    return assign_trustii_ids(boxes, test)
 
 
 def write_calibrated(

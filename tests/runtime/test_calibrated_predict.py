@@ -48,5 +48,8 @@ def test_trustii_ids_follow_the_submission_rule() -> None:
     theirs = submission_table(boxes, test).set_index("trustii_id")
     assert len(ours) == len(boxes) and ours.index.is_unique
     pd.testing.assert_frame_equal(ours.loc[theirs.index, ["NAME", "x1", "class"]], theirs[["NAME", "x1", "class"]])
-    with pytest.raises(CytologiaInputError, match="without a partner"):
+    with pytest.raises(CytologiaInputError, match="not as many boxes as trustii_ids"):
         with_trustii_ids(boxes.iloc[1:], test)
+    stray = pd.concat([boxes, boxes.iloc[:1].assign(NAME="not_in_test.jpg")], ignore_index=True)
+    with pytest.raises(CytologiaInputError, match="not_in_test.jpg"):  # a box on an image without ids is no id's
+        with_trustii_ids(stray, test)

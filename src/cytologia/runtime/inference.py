@@ -928,26 +928,34 @@ def open_world_boxes(d: np.ndarray, score_thr: float, nms_iou: float) -> np.ndar
 
 
 # --------------------------------------------------------------------------------------------------- outputs
-def submission_table(boxes: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
-    """The known-count boxes given to the ``trustii_id`` s of their image: per image the ids in increasing order take
-    the boxes in decreasing score (any one-to-one assignment scores the same: each truth box picks its best
-    prediction). Every image must have exactly as many boxes as ids (the known-count rule guarantees it)."""
+def assign_trustii_ids(boxes: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
+    """Every known-count box (all its columns) with the ``trustii_id`` it takes, in id order: per image the ids in
+    increasing order take the boxes in decreasing score, ties in table order (any one-to-one assignment scores the
+    same: each truth box picks its best prediction). Every image must have exactly as many boxes as ids (the
+    known-count rule guarantees it); an image of ``boxes`` without ids is an error too."""
     kc = boxes[boxes["known_count"].to_numpy(bool)] if "known_count" in boxes else boxes
     kc = kc.sort_values(["NAME", "score"], ascending=[True, False], kind="stable").copy()
     kc["_rank"] = kc.groupby("NAME").cumcount()
-    ids = test.sort_values(["NAME", "trustii_id"], kind="stable").copy()
+    ids = test[["trustii_id", "NAME"]].sort_values(["NAME", "trustii_id"], kind="stable").copy()
     ids["_rank"] = ids.groupby("NAME").cumcount()
     have = kc.groupby("NAME").size()
     need = ids.groupby("NAME").size()
-    wrong = need.index[have.reindex(need.index, fill_value=0).to_numpy() != need.to_numpy()]
+    every = need.index.union(have.index)
+    have, need = have.reindex(every, fill_value=0), need.reindex(every, fill_value=0)
+    wrong = every[have.to_numpy() != need.to_numpy()]
     if len(wrong):
         raise CytologiaInputError(
             f"{len(wrong)} image(s) have not as many boxes as trustii_ids (e.g. {wrong[0]}: "
-            f"{int(have.get(wrong[0], 0))} boxes, {int(need[wrong[0]])} ids)"
+            f"{int(have[wrong[0]])} boxes, {int(need[wrong[0]])} ids)"
         )
-    merged = ids.merge(kc[["NAME", "_rank", *BOX_COLUMNS, "class"]], on=["NAME", "_rank"], how="left")
-    merged = merged.sort_values("trustii_id", kind="stable")
-    return merged[["trustii_id", "NAME", *BOX_COLUMNS, "class"]].reset_index(drop=True)
+    merged = ids.merge(kc, on=["NAME", "_rank"], how="left").drop(columns="_rank")
+    return merged.sort_values("trustii_id", kind="stable").reset_index(drop=True)
+
+
+def submission_table(boxes: pd.DataFrame, test: pd.DataFrame) -> pd.DataFrame:
+    """The submission's rows: the known-count boxes given to the ``trustii_id`` s of their image
+    (:func:`assign_trustii_ids`)."""
+    return assign_trustii_ids(boxes, test)[["trustii_id", "NAME", *BOX_COLUMNS, "class"]]
 
 
 def write_per_image(
