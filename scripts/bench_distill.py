@@ -9,7 +9,9 @@ single-stage baseline: detector, cleaning, two small classifiers, the tuned ense
 1. distils the ensemble into one student (:func:`cytologia.classification.distill.distill`, settings of
    ``configs/distill/default.yaml`` plus ``key=value`` overrides) and predicts the test set with it;
 2. predicts the test set with the best single member (best OOF macro-F1, its fold models and flip TTA as in the
-   ensemble) and with the student behind one detector fold instead of the ensemble's fused folds;
+   ensemble), with the student behind one detector fold instead of the ensemble's fused folds, and with any other
+   student made by hand into ``<out>/student_<name>/`` (``cytologia distill --ensemble <out>/run/ensemble/ensemble.json
+   --out <out>/student_<name> key=value ...``);
 3. times each pipeline -- detector + classifier(s), known-count, ONNX Runtime, ``--threads`` threads, batch 1 --
    with ``cytologia bench pipeline`` (one process per pipeline, one after the other);
 4. pseudo-labels (unless ``--no-pseudo``): one round with per-fold teachers, and one with the full ensemble labelling
@@ -116,8 +118,11 @@ def _single(ens_path: Path, name: str, out: Path, *, detector_folds: int | None 
     return write_ensemble(Ensemble(members, ens.blend, det, {"from": str(ens_path)}), out)
 
 
-def _pseudo_arm(root: Path, ens: Path, out: Path, leak: bool, detections: Path, overrides: list[str]) -> dict:
-    """One pseudo-label round (per-fold teachers, or the full ensemble with ``leak``): CV and test figures."""
+def _pseudo_arm(
+    root: Path, ens: Path, out: Path, leak: bool, detections: Path, overrides: list[str], count: int | None = None
+) -> dict:
+    """One pseudo-label round (per-fold teachers, or the full ensemble with ``leak``): CV and test figures.
+    ``count``: the threshold that keeps this many of the full ensemble's most confident boxes."""
     from cytologia.classification.distill import config_from_run, member_runs
     from cytologia.classification.pseudo import pseudo_label, settings_from_config
     from cytologia.ensemble import read_ensemble
@@ -127,6 +132,12 @@ def _pseudo_arm(root: Path, ens: Path, out: Path, leak: bool, detections: Path, 
         teacher = read_ensemble(ens)
         cfg = config_from_run(member_runs(teacher)[0] / "config.yaml", overrides)
         settings = replace(settings_from_config(cfg, runtime="onnx"), allow_leak=leak)
+        if count is not None:
+            from cytologia.classification.pseudo import select_pseudo_labels, teacher_predictions
+
+            preds = teacher_predictions(cfg.data.root, teacher, [], full=True, runtime="onnx")
+            confidence = select_pseudo_labels(preds, 0.0)["confidence"].sort_values(ascending=False)
+            settings = replace(settings, threshold=float(confidence.iloc[min(count, len(confidence)) - 1]))
         result = pseudo_label(teacher, cfg.data.root, out, settings, detections=detections)
         print("\n".join(result.lines))
     last = json.loads(report.read_text())["rounds"][-1]
@@ -167,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             student_dir / "student.json", "*", out / "student_1det.json", detector_folds=1
         ),
     }
+    for extra in sorted(out.glob("student_*/student.json")):  # more students made by hand (cytologia distill)
+        files[f"student {extra.parent.name}"] = extra
     rows = {}
     for i, (label, path) in enumerate(files.items()):
         sub = run / "predict" / "submission.csv" if label == "ensemble" else out / f"submission_{i}.csv"
@@ -182,13 +195,21 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_pseudo:
         pseudo["none"] = {
             "cv_ensemble": (ens.tuning.get("heldout") or {}).get("ensemble_f1"),
-            "cv_members": {m: f for m, f in singles.items()},
             "test": rows["ensemble"]["test"],
         }
         for arm, leak in (("per-fold teachers", False), ("full ensemble (leak)", True)):
             slug = "leak" if leak else "clean"
             detections = run / "detector" / "oof_boxes.csv"
             pseudo[arm] = _pseudo_arm(root, ens_path, out / f"pseudo_{slug}", leak, detections, args.overrides)
+        # the members' CV as the arms report it (each run's OOF macro-F1, plain view) before any pseudo-label
+        pseudo["none"]["cv_members"] = pseudo["per-fold teachers"]["rounds"][0]["cv_before"]
+        # the OOF threshold keeps few of the full ensemble's boxes (its blended confidences run lower than one fold
+        # model's): the leak again, with as many pseudo-labels as the per-fold teachers gave each fold
+        per_fold = pseudo["per-fold teachers"]["rounds"][0]["n_pseudo_labels"]
+        count = round(sum(per_fold.values()) / max(1, len(per_fold)))
+        pseudo[f"full ensemble (leak), top {count}"] = _pseudo_arm(
+            root, ens_path, out / "pseudo_leak_matched", True, detections, args.overrides, count=count
+        )
 
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs visible, load "

@@ -223,6 +223,9 @@ class PseudoLabelSettings:
     allow_leak: bool = False  # the full ensemble labels every fold (the 1st place's leak; the benchmark measures it)
     stage2: bool = False  # start each fold from the previous round's checkpoint of the same fold
     runtime: str = "onnx"
+    # a fixed confidence threshold instead of the one chosen on OOF (e.g. to give the full ensemble, whose blended
+    # confidences run lower than one fold model's, as many pseudo-labels as the per-fold teachers got)
+    threshold: float | None = None
 
 
 def settings_from_config(cfg: DictConfig, **given: Any) -> PseudoLabelSettings:
@@ -306,7 +309,9 @@ def pseudo_label(
         tables = [read_oof(previous[run] / "oof_logits.csv") for run in runs]
         targets = teacher_targets(ens, tables, truth=truth)
         conf = oof_confidence(targets, truth, det_oof)
-        threshold = choose_threshold(conf["confidence"].to_numpy(), conf["correct"].to_numpy(), settings.precision)
+        threshold = settings.threshold
+        if threshold is None:
+            threshold = choose_threshold(conf["confidence"].to_numpy(), conf["correct"].to_numpy(), settings.precision)
         per_fold = [] if settings.allow_leak else list(range(k))
         preds = teacher_predictions(test_data, ens, per_fold, full=settings.allow_leak, runtime=settings.runtime)
         pseudo = select_pseudo_labels(preds, threshold)
