@@ -869,6 +869,20 @@ SECTIONS: dict[str, Callable[[Ctx], list[Row]]] = {
 
 
 # -------------------------------------------------------------------------------------------------------- runner
+def section_estimate(name: str, cpu: bool) -> float:
+    """Seconds ``name`` is expected to need (:data:`ESTIMATES`); an ONNX Runtime section whose provider is missing
+    only writes its skip row, so it needs none (its row then says why, not "budget")."""
+    if not cpu and name in ("pipeline_onnx", "pipeline_tensorrt"):
+        try:
+            from cytologia.runtime.sessions import CUDA, TENSORRT, available_providers
+
+            if (TENSORRT if name == "pipeline_tensorrt" else CUDA) not in available_providers():
+                return 0.0
+        except Exception:  # onnxruntime missing or broken: the section itself reports it
+            return 0.0
+    return ESTIMATES[name][1 if cpu else 0]
+
+
 def _child_env() -> dict[str, str]:
     """The environment of child processes: this one, with ``src/`` importable and unbuffered output."""
     env = dict(os.environ)
@@ -1007,7 +1021,7 @@ def main(argv: list[str] | None = None) -> int:
     meta: dict[str, Any] = {"cpu": args.cpu, "budget_s": budget, "command": command.strip(), "sections": names}
     rows: list[Row] = []
     for name in names:
-        estimate = ESTIMATES[name][1 if args.cpu else 0]
+        estimate = section_estimate(name, args.cpu)
         t0 = time.time()
         if ctx.left() < estimate:
             rows.append(Row(name, name, "skipped", note=f"budget: {ctx.left():.0f} s left, needs ~{estimate:.0f} s"))

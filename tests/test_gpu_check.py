@@ -92,3 +92,11 @@ def test_a_failing_section_is_recorded_and_the_rest_runs(tmp_path: Path, monkeyp
     assert [(r["section"], r["status"]) for r in rows] == [("boom", "error"), ("fine", "ok")]
     assert "illegal memory access" in rows[0]["note"] and "boom" in rows[0]["data"]["traceback"]
     assert "| boom | boom | error |" in (out / "gpu_check.md").read_text()
+
+
+def test_a_missing_provider_costs_no_budget() -> None:
+    from cytologia.runtime.sessions import TENSORRT, available_providers
+
+    assert gpu_check.section_estimate("pipeline_torch", cpu=False) == gpu_check.ESTIMATES["pipeline_torch"][0]
+    if TENSORRT not in available_providers():  # the CI machine: the TensorRT row is a skip with its reason
+        assert gpu_check.section_estimate("pipeline_tensorrt", cpu=False) == 0.0
