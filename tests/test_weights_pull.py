@@ -151,7 +151,10 @@ def test_pull_through_huggingface_hub_honours_hf_endpoint_and_lifts_offline_only
     ).read_bytes()
     tag = "resnet10t.test_tag"
     monkeypatch.setitem(CATALOG, tag, _entry(tag, "hf", f"timm/{tag}", file=f"{tag}.safetensors"))
-    assert constants.HF_HUB_OFFLINE  # the library's offline default (cytologia.offline)
+    # The library's offline default (cytologia.offline), set here explicitly: another test of the session may have
+    # imported huggingface_hub under other variables, and its constants are read once, at import.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     models = tmp_path / "models"
     (result,) = pull([tag], models)
     assert result.status == "downloaded" and result.source == f"{hub}/timm/{tag}/resolve/main/model.safetensors"
