@@ -181,11 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     for extra in sorted(out.glob("student_*/student.json")):  # more students made by hand (cytologia distill)
         files[f"student {extra.parent.name}"] = extra
     rows = {}
-    for i, (label, path) in enumerate(files.items()):
-        sub = run / "predict" / "submission.csv" if label == "ensemble" else out / f"submission_{i}.csv"
+    for label, path in files.items():
+        slug = "".join(c if c.isalnum() else "_" for c in label)  # cached files per pipeline, by name
+        sub = run / "predict" / "submission.csv" if label == "ensemble" else out / f"submission_{slug}.csv"
         rows[label] = {
             "test": _predict(root, path, sub),
-            **_bench(root, path, out / f"bench_{i}.json", args.bench_images, args.threads),
+            **_bench(root, path, out / f"bench_{slug}.json", args.bench_images, args.threads),
         }
     ens_f1 = rows["ensemble"]["test"]["f1"]
     for row in rows.values():
