@@ -9,7 +9,8 @@ single-stage baseline: detector, cleaning, two small classifiers, the tuned ense
 1. distils the ensemble into one student (:func:`cytologia.classification.distill.distill`, settings of
    ``configs/distill/default.yaml`` plus ``key=value`` overrides) and predicts the test set with it;
 2. predicts the test set with the best single member (best OOF macro-F1, its fold models and flip TTA as in the
-   ensemble), with the student behind one detector fold instead of the ensemble's fused folds, and with any other
+   ensemble), with the student behind the ensemble's whole detector (every fold, fused) as well as behind the one
+   ``distill.detector_folds`` keeps, and with any other
    student made by hand into ``<out>/student_<name>/`` (``cytologia distill --ensemble <out>/run/ensemble/ensemble.json
    --out <out>/student_<name> key=value ...``);
 3. times each pipeline -- detector + classifier(s), known-count, ONNX Runtime, ``--threads`` threads, batch 1 --
@@ -44,7 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_distill")
     p.add_argument("--images", type=int, default=400, help="generated images (train + test)")
-    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seed", type=int, default=42, help="training seed")
+    p.add_argument("--data-seed", type=int, default=0, help="the generated set's seed (data.synth_seed)")
     p.add_argument("--bench-images", type=int, default=60, help="test images timed per pipeline")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-pseudo", action="store_true", help="skip the pseudo-label arms")
@@ -52,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _pipeline(out: Path, images: int, seed: int) -> Path:
+def _pipeline(out: Path, images: int, seed: int, data_seed: int = 0) -> Path:
     """The demo pipeline without the single-stage baseline, into ``out/run`` (resumes)."""
     from hydra import compose, initialize_config_dir
 
@@ -64,6 +66,7 @@ def _pipeline(out: Path, images: int, seed: int) -> Path:
         f"data.root={out / 'data'}",
         f"data.n_images={images}",
         f"seed={seed}",
+        f"data.synth_seed={data_seed}",
         "pipeline.single_stage.enabled=false",
         f"paths.output_dir={out}",
     ]
@@ -98,9 +101,11 @@ def _bench(root: Path, ensemble: Path, out: Path, n: int, threads: int) -> dict[
     return {"p50_ms": r["stages"]["total"]["p50"], "stages_p50": {k: v["p50"] for k, v in r["stages"].items()}}
 
 
-def _single(ens_path: Path, name: str, out: Path, *, detector_folds: int | None = None) -> Path:
-    """An ensemble file of the one member ``name`` of ``ens_path`` (or all members), optionally with only the
-    first ``detector_folds`` detector fold models."""
+def _single(
+    ens_path: Path, name: str, out: Path, *, detector_folds: int | None = None, detector_from: Path | None = None
+) -> Path:
+    """An ensemble file of the one member ``name`` of ``ens_path`` (or all members), with the detector of
+    ``detector_from`` (default: its own), optionally only its first ``detector_folds`` fold models."""
     from cytologia.classification.distill import absolute_detector
     from cytologia.ensemble import Ensemble, read_ensemble, write_ensemble
 
@@ -110,9 +115,7 @@ def _single(ens_path: Path, name: str, out: Path, *, detector_folds: int | None 
         for m in ens.cell_members
         if name in ("*", m.name)
     ]
-    det = absolute_detector(ens)
-    if det is not None and detector_folds is not None:
-        det = replace(det, checkpoints=det.checkpoints[:detector_folds], onnx=det.onnx[:detector_folds])
+    det = absolute_detector(read_ensemble(detector_from) if detector_from else ens, folds=detector_folds)
     if name == "*":
         members = [replace(m, weight=w.weight) for m, w in zip(members, ens.cell_members)]
     return write_ensemble(Ensemble(members, ens.blend, det, {"from": str(ens_path)}), out)
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    run = _pipeline(out, args.images, args.seed)
+    run = _pipeline(out, args.images, args.seed, args.data_seed)
     root = out / "data"
     ens_path = run / "ensemble" / "ensemble.json"
 
@@ -174,8 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         "ensemble": ens_path,
         f"best member ({best})": _single(ens_path, best, out / "best_member.json"),
         "student": student_dir / "student.json",
-        "student, 1 detector fold": _single(
-            student_dir / "student.json", "*", out / "student_1det.json", detector_folds=1
+        # the student behind the teacher's whole detector (every fold, fused), whatever distill.detector_folds kept
+        "student, the ensemble's detector": _single(
+            student_dir / "student.json", "*", out / "student_alldet.json", detector_from=ens_path
         ),
     }
     for extra in sorted(out.glob("student_*/student.json")):  # more students made by hand (cytologia distill)
@@ -217,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.getloadavg()[0]:.1f}",
         "images": args.images,
         "seed": args.seed,
+        "data_seed": args.data_seed,
         "threads": args.threads,
         "student": summary_student,
         "pipelines": rows,
@@ -233,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
 def markdown(r: dict[str, Any]) -> str:
     s = r["student"]
     lines = [
-        f"# Distillation benchmark ({r['images']} generated images, seed {r['seed']}; {r['machine']})",
+        f"# Distillation benchmark ({r['images']} generated images, data seed {r.get('data_seed', 0)}, training seed "
+        f"{r['seed']}; {r['machine']})",
         "",
         f"Student: {s['student']}@{s['img_size']}, T={s['temperature']}, kd_weight={s['kd_weight']}, teacher weights "
         f"{s['weights']}; student CV macro-F1 {s['cv_macro_f1']}.",

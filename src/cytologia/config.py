@@ -208,6 +208,7 @@ class DistillConfig:
     cv: bool  # also one student per fold (OOF logits, CV)
     final: bool  # one student on every training box (the deployable one, student.json)
     unlabelled: bool  # also learn from the test crops' per-fold teacher predictions
+    detector_folds: int | None  # student.json's detector: the teacher's first N fold models (None: all)
 
 
 @dataclass

@@ -36,6 +36,7 @@ from cytologia.classification.pseudo import (
 )
 from cytologia.data.schema import CLASSES
 from cytologia.ensemble import BlendSpec, DetectorSpec, Ensemble, MemberSpec, read_ensemble, softmax
+from cytologia.errors import CytologiaInputError
 from cytologia.runtime.inference import PROB_COLUMNS
 
 K = len(CLASSES)
@@ -225,6 +226,24 @@ def test_fold_ensemble_keeps_the_folds_own_models() -> None:
     assert one.detector is not None and one.detector.checkpoints == ["/runs/d/fold_1/detector.pt"]
     with pytest.raises(ValueError, match="no fold 2"):
         fold_ensemble(ens, 2)
+
+
+def test_the_students_detector_keeps_the_first_detector_folds() -> None:
+    from cytologia.classification.distill import absolute_detector
+
+    ens = _ensemble((0.5, 0.5))
+    ens.detector.onnx = ["d/fold_0/detector.onnx", "d/fold_1/detector.onnx"]
+    every = absolute_detector(ens)
+    assert every is not None and every.checkpoints == ["/runs/d/fold_0/detector.pt", "/runs/d/fold_1/detector.pt"]
+    one = absolute_detector(ens, folds=1)
+    assert one is not None and (one.checkpoints, one.onnx) == (
+        ["/runs/d/fold_0/detector.pt"],
+        ["/runs/d/fold_0/detector.onnx"],
+    )
+    for bad in (0, 3):
+        with pytest.raises(CytologiaInputError, match=rf"detector_folds={bad}: the teacher's detector has 2 fold"):
+            absolute_detector(ens, folds=bad)
+    assert absolute_detector(Ensemble(ens.members, BlendSpec(), None, {}), folds=1) is None
 
 
 # --------------------------------------------------------------------------------- a student, trained and exported

@@ -464,18 +464,24 @@ def write_student_ensemble(cfg: DictConfig, teacher: Ensemble, checkpoint: Path,
         checkpoints=[str(Path(checkpoint).resolve())],
     )
     tuning = {"distilled_from": [m.name for m in teacher.cell_members], "config": _plain(cfg.distill)}
-    return write_ensemble(Ensemble([member], BlendSpec(), absolute_detector(teacher), tuning), path)
+    detector = absolute_detector(teacher, folds=cfg.distill.detector_folds)
+    return write_ensemble(Ensemble([member], BlendSpec(), detector, tuning), path)
 
 
-def absolute_detector(ensemble: Ensemble) -> DetectorSpec | None:
-    """The ensemble's detector with absolute file paths (to put in another ensemble file, elsewhere)."""
+def absolute_detector(ensemble: Ensemble, *, folds: int | None = None) -> DetectorSpec | None:
+    """The ensemble's detector with absolute file paths (to put in another ensemble file, elsewhere); with ``folds``
+    only its first ``folds`` fold models (one pass per fold and flip view: the detector's cost grows with them)."""
     d = ensemble.detector
     if d is None:
         return None
+    n = len(d.checkpoints)
+    if folds is not None and not 1 <= int(folds) <= n:
+        raise CytologiaInputError(f"detector_folds={folds}: the teacher's detector has {n} fold model(s) (1..{n})")
+    keep = n if folds is None else int(folds)
     return replace(
         d,
-        checkpoints=[str(ensemble.resolve(p)) for p in d.checkpoints],
-        onnx=[str(ensemble.resolve(p)) for p in d.onnx],
+        checkpoints=[str(ensemble.resolve(p)) for p in d.checkpoints[:keep]],
+        onnx=[str(ensemble.resolve(p)) for p in d.onnx[:keep]],
     )
 
 
