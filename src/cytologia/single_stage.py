@@ -309,7 +309,7 @@ def train_single_stage(
     from cytologia.detection.ultralytics_backend import (
         UltralyticsDetector,
         _amp_check_offline,
-        _history,
+        best_of_run,
         epoch_timer,
         keep_torch_threads,
         train_args,
@@ -359,23 +359,15 @@ def train_single_stage(
     # process CPU seconds, so re-planned epochs, schedule and stop all follow the compute spent, not the wall time
     with _amp_check_offline(), keep_torch_threads(yolo, int(args["workers"])), module_clock(ul_trainer, settings.clock):
         yolo.train(trainer=_trainer_class(pad_class), **args)
-    save_dir = Path(yolo.trainer.save_dir)
-    best = save_dir / "weights" / "best.pt"
-    if not best.is_file():
-        raise CytologiaInputError(f"training finished without a checkpoint in {save_dir / 'weights'}")
-    history = _history(save_dir / "results.csv")
-    scores = [row.get(SCORE_METRIC, float("nan")) for row in history]
-    finite = [i for i, s in enumerate(scores) if np.isfinite(s)]
-    # best.pt is rewritten whenever the fitness equals the best so far: the last epoch reaching the maximum
-    best_idx = max(finite, key=lambda i: (scores[i], i)) if finite else len(history) - 1
+    run = best_of_run(Path(yolo.trainer.save_dir), SCORE_METRIC)
     target = out_dir / WEIGHTS_FILE
-    shutil.copyfile(best, target)
+    shutil.copyfile(run.checkpoint, target)
     return SingleStageTrainResult(
         weights=target,
-        best_epoch=int(history[best_idx]["epoch"]) if history else 0,
-        epochs_run=len(history),
-        best_score=float(scores[best_idx]) if finite else float("nan"),
-        history=history,
+        best_epoch=run.epoch,
+        epochs_run=len(run.history),
+        best_score=run.score,
+        history=run.history,
         seconds=time.perf_counter() - start,
         cpu_seconds=cpu_seconds() - cpu_start,
         epoch_seconds=epoch_seconds,

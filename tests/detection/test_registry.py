@@ -188,3 +188,26 @@ def test_backend_of_model_and_agreed_backend(caplog) -> None:
     with pytest.raises(CytologiaInputError, match=r"unknown detector backend 'nope'.*available: ultralytics, yolox"):
         agreed_backend("nope", {"a.pt": "yolox"})
     assert sorted(BACKENDS) == ["ultralytics", "yolox"]
+
+
+def test_detection_data_image_sizes_from_table_headers_and_repaired_copies(tmp_path: Path) -> None:
+    import cv2
+    import numpy as np
+    import pandas as pd
+
+    from cytologia.detection.registry import DetectionData
+
+    images, repaired = tmp_path / "images", tmp_path / "repaired"
+    images.mkdir()
+    repaired.mkdir()
+    cv2.imwrite(str(images / "b.jpg"), np.zeros((30, 40, 3), np.uint8))
+    (images / "c.jpg").write_bytes(b"not a jpeg")  # unreadable; its repaired copy is what training reads
+    cv2.imwrite(str(repaired / "c.jpg"), np.zeros((50, 60, 3), np.uint8))
+    table = pd.DataFrame({"NAME": ["a.jpg", "b.jpg"], "img_w": [100, 0], "img_h": [80, 0]})  # 0: unknown
+    data = DetectionData(table, pd.DataFrame(columns=["NAME", "fold"]), images, 0, tmp_path, repaired_dir=repaired)
+    sizes = data.image_sizes(["c.jpg", "a.jpg", "b.jpg"])
+    assert list(sizes.index) == ["c.jpg", "a.jpg", "b.jpg"]
+    assert sizes.to_numpy().tolist() == [[60, 50], [100, 80], [40, 30]]
+    (images / "d.jpg").write_bytes(b"")
+    with pytest.raises(CytologiaInputError, match=r"1 image\(s\) cannot be read: d.jpg"):
+        data.image_sizes(["a.jpg", "d.jpg"])

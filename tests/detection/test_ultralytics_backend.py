@@ -175,3 +175,23 @@ def test_training_can_start_from_registered_local_weights(smoke_run, tmp_path: P
     init.write_bytes(init.read_bytes() + b"x")  # altered after registration
     with pytest.raises(CytologiaInputError, match="size|sha256"):
         create_detector("ultralytics", "yolo11n", weights=init)._new_model()
+
+
+def test_best_of_run_takes_the_last_epoch_reaching_the_maximum(tmp_path: Path) -> None:
+    from cytologia.detection.ultralytics_backend import KC_METRIC, best_of_run
+
+    with pytest.raises(CytologiaInputError, match="without a checkpoint"):
+        best_of_run(tmp_path, KC_METRIC)
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "best.pt").write_bytes(b"x")
+    # ultralytics pads its column names with spaces; best.pt is rewritten at every epoch equal to the best so far
+    pd.DataFrame({"   epoch": [1, 2, 3, 4], f"  {KC_METRIC}": [0.5, 0.8, np.nan, 0.8]}).to_csv(
+        tmp_path / "results.csv", index=False
+    )
+    run = best_of_run(tmp_path, KC_METRIC)
+    assert (run.index, run.epoch, run.score) == (3, 4, 0.8) and len(run.history) == 4
+    assert run.checkpoint == tmp_path / "weights" / "best.pt"
+    none = best_of_run(tmp_path, "metrics/not_logged")  # no finite score: the last epoch, score nan
+    assert (none.index, none.epoch) == (3, 4) and np.isnan(none.score)
+    (tmp_path / "results.csv").unlink()
+    assert best_of_run(tmp_path, KC_METRIC).epoch == 0

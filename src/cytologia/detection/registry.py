@@ -68,6 +68,26 @@ class DetectionData:
     cache_dir: Path
     repaired_dir: Path | None = None
 
+    def image_sizes(self, names: Sequence[str]) -> pd.DataFrame:
+        """``NAME -> img_w, img_h`` for ``names`` (in that order): from the table where known, else from the image
+        headers (the repaired copy where there is one); an unreadable image is an error naming it."""
+        from cytologia.data.images import image_sizes, resolve_image
+
+        known = pd.DataFrame(columns=["img_w", "img_h"], dtype="int64")
+        if {"img_w", "img_h"} <= set(self.table.columns):
+            known = self.table.drop_duplicates("NAME").set_index("NAME")[["img_w", "img_h"]].astype("int64")
+            known = known.loc[(known["img_w"] > 0) & (known["img_h"] > 0)]
+        todo = [n for n in names if n not in known.index]
+        if todo:
+            paths = [resolve_image(Path(self.image_dir) / n, self.repaired_dir, n) for n in todo]
+            found, errors = image_sizes(paths)
+            bad = [f"{n}: {e}" for n, e in zip(todo, errors) if e is not None]
+            if bad:
+                raise CytologiaInputError(f"{len(bad)} image(s) cannot be read: " + "; ".join(bad[:10]))
+            extra = pd.DataFrame(found, index=pd.Index(todo, name="NAME"), columns=["img_w", "img_h"])
+            known = pd.concat([known, extra])
+        return known.reindex(list(names))
+
 
 @dataclass
 class TrainSettings:

@@ -41,6 +41,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from copy import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,7 @@ from ultralytics.utils.nms import non_max_suppression
 
 # importing this module imported cytologia first, which set the offline environment before ultralytics was imported
 from cytologia.console import route_ultralytics_logs
-from cytologia.data.images import attributed, image_sizes, resolve_image
+from cytologia.data.images import attributed, resolve_image
 from cytologia.data.schema import BOX_COLUMNS
 from cytologia.detection.base import BACKEND_KEY, PREDICT_COLUMNS, CheckpointHeader, Detector
 from cytologia.detection.letterbox import Frame, detect_in_batches, map_back
@@ -178,22 +179,6 @@ def _dataset_key(
     return h.hexdigest()[:16]
 
 
-def _image_size_table(data: DetectionData, names: np.ndarray) -> pd.DataFrame:
-    """``NAME -> img_w, img_h`` from the table where known, else read from the image headers."""
-    known = pd.DataFrame(columns=["img_w", "img_h"], dtype=np.int64)
-    if {"img_w", "img_h"} <= set(data.table.columns):
-        known = data.table.drop_duplicates("NAME").set_index("NAME")[["img_w", "img_h"]].astype(np.int64)
-        known = known.loc[(known["img_w"] > 0) & (known["img_h"] > 0)]
-    todo = [n for n in names if n not in known.index]
-    if todo:
-        sizes, errors = image_sizes([Path(data.image_dir) / n for n in todo])
-        bad = [f"{n}: {e}" for n, e in zip(todo, errors) if e is not None]
-        if bad:
-            raise CytologiaInputError(f"{len(bad)} image(s) cannot be read: " + "; ".join(bad[:10]))
-        known = pd.concat([known, pd.DataFrame(sizes, index=pd.Index(todo, name="NAME"), columns=["img_w", "img_h"])])
-    return known.reindex(names)
-
-
 def write_yolo_dataset(data: DetectionData, class_names: Sequence[str] | None = None) -> tuple[Path, dict[str, int]]:
     """Write (or reuse) the ultralytics dataset of one held-out fold; returns its data yaml and counts.
 
@@ -248,7 +233,7 @@ def write_yolo_dataset(data: DetectionData, class_names: Sequence[str] | None = 
         return root / "data.yaml", yaml.safe_load(counts_file.read_text())
 
     names = folds["NAME"].to_numpy(dtype=object)
-    sizes = _image_size_table(data, names)
+    sizes = data.image_sizes(names)
     w = boxes["NAME"].map(sizes["img_w"]).to_numpy(np.float64)
     h = boxes["NAME"].map(sizes["img_h"]).to_numpy(np.float64)
     xyxy = boxes[list(BOX_COLUMNS)].to_numpy(np.float64)
@@ -433,6 +418,33 @@ def _history(results_csv: Path) -> list[dict[str, float]]:
     return [{k: float(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]
 
 
+@dataclass
+class RunBest:
+    """ultralytics' ``best.pt`` of a finished training, its per-epoch history and which epoch it holds."""
+
+    checkpoint: Path
+    history: list[dict[str, float]]
+    index: int  # into history; the last epoch when no epoch has a finite score
+    score: float  # the selection metric at that epoch (nan when none is finite)
+
+    @property
+    def epoch(self) -> int:
+        return int(self.history[self.index]["epoch"]) if self.history else 0
+
+
+def best_of_run(save_dir: Path, metric: str) -> RunBest:
+    """The best checkpoint of the training in ``save_dir``, selected on ``metric`` (a results.csv column)."""
+    best = save_dir / "weights" / "best.pt"
+    if not best.is_file():
+        raise CytologiaInputError(f"training finished without a checkpoint in {save_dir / 'weights'}")
+    history = _history(save_dir / "results.csv")
+    scores = [row.get(metric, float("nan")) for row in history]
+    finite = [i for i, s in enumerate(scores) if np.isfinite(s)]
+    # best.pt is rewritten whenever the fitness equals the best so far: the last epoch reaching the maximum
+    index = max(finite, key=lambda i: (scores[i], i)) if finite else len(history) - 1
+    return RunBest(best, history, index, float(scores[index]) if finite else float("nan"))
+
+
 # ------------------------------------------------------------------------------------------------------ inference
 def nms(
     raw: torch.Tensor | np.ndarray, *, conf: float, iou: float, max_det: int, with_class: bool = False
@@ -558,26 +570,18 @@ class UltralyticsDetector(Detector):
         with _amp_check_offline(), keep_torch_threads(yolo, int(args["workers"])):
             yolo.train(trainer=KnownCountTrainer, **args)
         trainer = yolo.trainer
-        save_dir = Path(trainer.save_dir)
-        best = save_dir / "weights" / "best.pt"
-        if not best.is_file():
-            raise CytologiaInputError(f"training finished without a checkpoint in {save_dir / 'weights'}")
-        history = _history(save_dir / "results.csv")
-        scores = [row.get(KC_METRIC, float("nan")) for row in history]
-        finite = [i for i, s in enumerate(scores) if np.isfinite(s)]
-        # best.pt is rewritten whenever the fitness equals the best so far: the last epoch reaching the maximum
-        best_idx = max(finite, key=lambda i: (scores[i], i)) if finite else len(history) - 1
+        run = best_of_run(Path(trainer.save_dir), KC_METRIC)
         target = out_dir / "detector.pt"
-        ckpt = torch.load(best, map_location="cpu", weights_only=False)  # ultralytics' own file, just written
+        ckpt = torch.load(run.checkpoint, map_location="cpu", weights_only=False)  # ultralytics' own file, just written
         ckpt[BACKEND_KEY] = self.backend
         torch.save(ckpt, target)
         self.checkpoint, self._net = target, None
         final = {k: float(v) for k, v in (trainer.metrics or {}).items() if isinstance(v, (int, float))}
         return TrainResult(
             weights=target,
-            best_epoch=int(history[best_idx]["epoch"]) if history else 0,
+            best_epoch=run.epoch,
             metrics=final,
-            history=history,
+            history=run.history,
             selection=(
                 "ultralytics best.pt with fitness = known-count mean rescaled GIoU of the held-out fold, "
                 "computed each epoch on the EMA weights that are saved"

@@ -44,7 +44,7 @@ import pickle
 import shutil
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from copy import deepcopy
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
@@ -58,7 +58,7 @@ import torch.nn.functional as F
 import yaml
 
 from cytologia.boxes import clip
-from cytologia.data.images import image_sizes, resolve_image
+from cytologia.data.images import resolve_image
 from cytologia.data.schema import BOX_COLUMNS
 from cytologia.detection.base import MAX_STRIDE
 from cytologia.detection.oof import known_count_giou
@@ -194,23 +194,6 @@ class Split:
     skipped_empty: int
 
 
-def _sizes(data: DetectionData, names: Sequence[str]) -> pd.DataFrame:
-    """``NAME -> img_w, img_h`` from the table where known, else from the image headers."""
-    known = pd.DataFrame(columns=["img_w", "img_h"], dtype=np.int64)
-    if {"img_w", "img_h"} <= set(data.table.columns):
-        known = data.table.drop_duplicates("NAME").set_index("NAME")[["img_w", "img_h"]].astype(np.int64)
-        known = known.loc[(known["img_w"] > 0) & (known["img_h"] > 0)]
-    todo = [n for n in names if n not in known.index]
-    if todo:
-        found, errors = image_sizes([resolve_image(Path(data.image_dir) / n, data.repaired_dir, n) for n in todo])
-        bad = [f"{n}: {e}" for n, e in zip(todo, errors) if e is not None]
-        if bad:
-            raise CytologiaInputError(f"{len(bad)} image(s) cannot be read: " + "; ".join(bad[:10]))
-        extra = pd.DataFrame(found, index=pd.Index(todo, name="NAME"), columns=["img_w", "img_h"])
-        known = pd.concat([known, extra])
-    return known.reindex(list(names))
-
-
 def make_split(data: DetectionData) -> Split:
     """Training samples (every fold but ``data.fold``; images of the folds without a box are negatives) and the
     held-out fold, boxes clipped to their image. Errors name the images (annotated image without a fold, missing
@@ -231,7 +214,7 @@ def make_split(data: DetectionData) -> Split:
     if held.all():
         raise CytologiaInputError(f"every image is in fold {data.fold}: nothing left to train on")
     names = folds["NAME"].tolist()
-    sizes = _sizes(data, names)
+    sizes = data.image_sizes(names)
     w = boxes["NAME"].map(sizes["img_w"]).to_numpy(np.float64)
     h = boxes["NAME"].map(sizes["img_h"]).to_numpy(np.float64)
     xyxy = clip(boxes[list(BOX_COLUMNS)].to_numpy(np.float64), w, h)
