@@ -13,6 +13,9 @@ import pytest
 # CYTOLOGIA_REAL_DATA and CYTOLOGIA_CI=1: there a missing table fails the test instead of skipping it.
 REAL_DATA = Path(os.environ.get("CYTOLOGIA_REAL_DATA", Path(__file__).resolve().parents[2] / "shared/data/cytologia"))
 REAL_TABLES: tuple[str, ...] = ("train.csv", "test.csv")
+# The winners' recipe tables (../shared/RECIPES.md), which tests/test_recipes.py checks the configs against: the same
+# rule, with CYTOLOGIA_RECIPES (set by .ci/run from the checkout's parent).
+RECIPES_FILE = Path(os.environ.get("CYTOLOGIA_RECIPES", Path(__file__).resolve().parents[2] / "shared/RECIPES.md"))
 
 
 def in_ci(environ: Mapping[str, str] = os.environ) -> bool:
@@ -29,6 +32,16 @@ def require_real_data(folder: Path, ci: bool) -> Path:
     reason = f"real Cytologia table(s) not found: {', '.join(map(str, missing))} (set CYTOLOGIA_REAL_DATA)"
     if ci:
         pytest.fail(f"{reason}; CYTOLOGIA_CI is set, so a missing real table is a failure, not a skip", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_file(path: Path, variable: str, ci: bool) -> Path:
+    """``path`` when it is a file; otherwise skip the test or, in CI, fail it naming the path and the variable."""
+    if path.is_file():
+        return path
+    reason = f"{path} not found (set {variable})"
+    if ci:
+        pytest.fail(f"{reason}; CYTOLOGIA_CI is set, so a missing shared file is a failure, not a skip", pytrace=False)
     pytest.skip(reason)
 
 

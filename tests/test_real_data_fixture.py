@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REAL_TABLES, in_ci, require_real_data
+from conftest import REAL_TABLES, in_ci, require_file, require_real_data
 
 
 def _tables(folder: Path, names: tuple[str, ...] = REAL_TABLES) -> Path:
@@ -53,3 +53,20 @@ def test_missing_table_fails_in_ci_naming_path_and_variable(tmp_path: Path) -> N
 )
 def test_ci_flag(value: str | None, expected: bool) -> None:
     assert in_ci({} if value is None else {"CYTOLOGIA_CI": value}) is expected
+
+
+@pytest.mark.parametrize("ci", [False, True])
+def test_a_missing_shared_file_skips_outside_ci_and_fails_in_ci(tmp_path: Path, ci: bool) -> None:
+    """The rule for RECIPES.md (tests/test_recipes.py): skipped without the shared folder, a failure in CI."""
+    missing = tmp_path / "shared" / "RECIPES.md"
+    with pytest.raises(pytest.fail.Exception if ci else pytest.skip.Exception, match="CYTOLOGIA_RECIPES") as err:
+        require_file(missing, "CYTOLOGIA_RECIPES", ci)
+    assert str(missing) in str(err.value)
+    missing.parent.mkdir()
+    missing.write_text("# recipes\n")
+    assert require_file(missing, "CYTOLOGIA_RECIPES", ci) == missing
+
+
+def test_ci_names_the_recipes_file_from_the_checkouts_parent() -> None:
+    text = (Path(__file__).resolve().parents[1] / ".ci" / "run").read_text()
+    assert 'export CYTOLOGIA_RECIPES="${CYTOLOGIA_RECIPES:-$(cd "$repo/.." && pwd)/shared/RECIPES.md}"' in text

@@ -8,11 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cytologia.paths import project_root
+from conftest import RECIPES_FILE, in_ci, require_file
 from cytologia.pipeline import member_configs
 from cytologia.recipes import compose_experiment
-
-RECIPES = (project_root() or Path(".")).parent / "shared" / "RECIPES.md"
 
 # RECIPES.md member (first column of the 1st place's classifier table) -> its stand-alone experiment
 MEMBER_EXP = {
@@ -27,9 +25,7 @@ MEMBER_EXP = {
 
 
 def _text() -> str:
-    if not RECIPES.is_file():
-        pytest.skip(f"{RECIPES} absent (the shared folder beside the checkout)")
-    return RECIPES.read_text()
+    return require_file(RECIPES_FILE, "CYTOLOGIA_RECIPES", in_ci()).read_text()
 
 
 def _table(text: str, after: str) -> list[dict[str, str]]:
