@@ -143,3 +143,23 @@ def test_ultralytics_loader_reads_name_their_image(images: dict[str, Path], capf
         assert ul_base.imread(str(images["extra"])) is not None
     assert _libjpeg_in(capfd.readouterr().err) == []
     assert {Path(k).name: len(v) for k, v in seen.per_image.items()} == {"extra.jpg": 1} and not seen.unattributed
+
+
+def test_the_same_warning_from_two_images_decoded_at_once_goes_once_to_each(tmp_path: Path) -> None:
+    """Two truncated files decoded in overlapping spans (threads) each print "Premature end of JPEG file": each image
+    gets one, whichever order the lines came in (before, both went to the first name)."""
+    from types import SimpleNamespace
+
+    from cytologia.data.images import JpegWarnings, _attribute
+
+    img = (np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8)
+    data = cv2.imencode(".jpg", img)[1].tobytes()
+    truncated, header_only = tmp_path / "truncated.jpg", tmp_path / "header_only.jpg"
+    truncated.write_bytes(data[: len(data) * 6 // 10])
+    header_only.write_bytes(data[: data.index(b"\xff\xda")])
+    text = "Premature end of JPEG file"
+    spans = [(str(truncated), 0, 100), (str(header_only), 0, 100)]  # both decodes span both lines
+    tap = SimpleNamespace(found=[(10, text), (20, text)], spans=spans)
+    result = JpegWarnings()
+    _attribute(tap, result)  # type: ignore[arg-type]
+    assert result.per_image == {str(header_only): [text], str(truncated): [text]} and not result.unattributed

@@ -397,6 +397,7 @@ def _attribute(tap: _StderrTap, result: JpegWarnings) -> None:
     """Name the image of each warning: the decode whose span holds it; several overlapping (threads): the one whose
     own check (:func:`check_jpeg`) prints that warning."""
     checked: dict[str, str] = {}
+    given: dict[tuple[str, str], int] = {}  # (image, warning) -> times attributed so far
     for offset, text in tap.found:
         names = sorted({p for p, s, e in tap.spans if s <= offset < e})
         if len(names) > 1:
@@ -404,6 +405,11 @@ def _attribute(tap: _StderrTap, result: JpegWarnings) -> None:
                 if p not in checked:
                     checked[p] = check_jpeg(p).message
             names = [p for p in names if text in checked[p]]
+            # several images print the same warning (two truncated files decoded at once): each takes as many as its
+            # own check prints, first come first served, before any takes more
+            names = sorted(names, key=lambda p: given.get((p, text), 0) >= checked[p].count(text))
+        if names:
+            given[(names[0], text)] = given.get((names[0], text), 0) + 1
         if names:  # a link (ultralytics' dataset folders) counts as the image it points to
             result.per_image.setdefault(os.path.realpath(names[0]), []).append(text)
         else:
