@@ -101,11 +101,9 @@ def _bench(root: Path, ensemble: Path, out: Path, n: int, threads: int) -> dict[
     return {"p50_ms": r["stages"]["total"]["p50"], "stages_p50": {k: v["p50"] for k, v in r["stages"].items()}}
 
 
-def _single(
-    ens_path: Path, name: str, out: Path, *, detector_folds: int | None = None, detector_from: Path | None = None
-) -> Path:
+def _single(ens_path: Path, name: str, out: Path, *, detector_from: Path | None = None) -> Path:
     """An ensemble file of the one member ``name`` of ``ens_path`` (or all members), with the detector of
-    ``detector_from`` (default: its own), optionally only its first ``detector_folds`` fold models."""
+    ``detector_from`` (default: its own)."""
     from cytologia.classification.distill import absolute_detector
     from cytologia.ensemble import Ensemble, read_ensemble, write_ensemble
 
@@ -115,7 +113,7 @@ def _single(
         for m in ens.cell_members
         if name in ("*", m.name)
     ]
-    det = absolute_detector(read_ensemble(detector_from) if detector_from else ens, folds=detector_folds)
+    det = absolute_detector(read_ensemble(detector_from) if detector_from else ens)
     if name == "*":
         members = [replace(m, weight=w.weight) for m, w in zip(members, ens.cell_members)]
     return write_ensemble(Ensemble(members, ens.blend, det, {"from": str(ens_path)}), out)

@@ -408,9 +408,8 @@ def _attribute(tap: _StderrTap, result: JpegWarnings) -> None:
             # several images print the same warning (two truncated files decoded at once): each takes as many as its
             # own check prints, first come first served, before any takes more
             names = sorted(names, key=lambda p: given.get((p, text), 0) >= checked[p].count(text))
-        if names:
-            given[(names[0], text)] = given.get((names[0], text), 0) + 1
         if names:  # a link (ultralytics' dataset folders) counts as the image it points to
+            given[(names[0], text)] = given.get((names[0], text), 0) + 1
             result.per_image.setdefault(os.path.realpath(names[0]), []).append(text)
         else:
             result.unattributed.append(text)
